@@ -1,0 +1,228 @@
+"""`redex`: the command line. Calls the same core functions as the pages.
+
+Long work runs as a background job (the same as from the app); the CLI follows it with a
+progress bar. Ctrl-C stops following, not the job: it keeps running (`redex jobs`,
+`redex cancel ID`). `--detach` returns at once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from core import datasets, jobs
+from core.store import get_store
+
+
+class CliError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (CliError, datasets.DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"redex: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nredex: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="redex", description="redex, the redundancy explorer")
+    sub = p.add_subparsers(title="commands")
+
+    ds = sub.add_parser("datasets", help="register and list datasets").add_subparsers(title="datasets commands")
+    add = ds.add_parser("add", help="register a dataset (image folder, CSV/Parquet manifest, or fashion-mnist)"
+                        " and scan it")
+    add.add_argument("source", help="folder, manifest file, or 'fashion-mnist'")
+    add.add_argument("--name", help="dataset name (default: from the path)")
+    add.add_argument("--limit", type=int, help="fashion-mnist only: first N images of each split")
+    add.add_argument("--image-size", type=int, help="working size in pixels (default: native if <= 64, else 64)")
+    _follow_flags(add)
+    add.set_defaults(func=cmd_datasets_add)
+    ls = ds.add_parser("list", help="list registered datasets")
+    ls.set_defaults(func=cmd_datasets_list)
+
+    info = sub.add_parser("info", help="counts per class and split, and every problem file")
+    info.add_argument("name")
+    info.add_argument("--ids", action="store_true", help="list every image's content id")
+    info.set_defaults(func=cmd_info)
+
+    emb = sub.add_parser("embed", help="embed every image (training the backbone first if needed)")
+    emb.add_argument("name")
+    emb.add_argument("--backbone", help="spec, e.g. trained:resnet8 (default) or timm:resnet18")
+    emb.add_argument("--epochs", type=int, help="trained backbones: epochs (default: the recipe's)")
+    emb.add_argument("--checkpoint", help="timm backbones: local weights file")
+    emb.add_argument("--retrain", action="store_true", help="train the backbone again even if cached")
+    _follow_flags(emb)
+    emb.set_defaults(func=cmd_embed)
+
+    proj = sub.add_parser("project", help="UMAP map of a dataset's embeddings")
+    proj.add_argument("name")
+    proj.add_argument("--backbone-id", help="default: the newest backbone with embeddings")
+    _follow_flags(proj)
+    proj.set_defaults(func=cmd_project)
+
+    jl = sub.add_parser("jobs", help="list jobs")
+    jl.add_argument("--all", action="store_true", help="all jobs, not only the last 20")
+    jl.set_defaults(func=cmd_jobs)
+    jc = sub.add_parser("cancel", help="cancel a job")
+    jc.add_argument("job_id", type=int)
+    jc.set_defaults(func=cmd_cancel)
+    jw = sub.add_parser("follow", help="follow a job until it ends")
+    jw.add_argument("job_id", type=int)
+    jw.set_defaults(func=lambda a: follow(a.job_id))
+    return p
+
+
+def _follow_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detach", action="store_true", help="start the job and return at once")
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_datasets_add(args) -> int:
+    name = datasets.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
+    job_id = jobs.launch("scan", name)
+    print(f"dataset {name!r}: scanning (job {job_id})")
+    return _run_or_detach(args, job_id, after=lambda: _print_summary(name))
+
+
+def cmd_datasets_list(args) -> int:
+    df = datasets.list_datasets()
+    print(df.to_string(index=False) if len(df) else "no datasets yet: `redex datasets add fashion-mnist`")
+    return 0
+
+
+def cmd_info(args) -> int:
+    datasets.get_dataset(args.name)
+    _print_summary(args.name)
+    problems = datasets.problems_table(args.name)
+    if len(problems):
+        print(f"\nproblems ({len(problems)}):")
+        for r in problems.itertuples():
+            print(f"  [{r.severity}] {r.path}: {r.reason}")
+    else:
+        print("\nno problem files")
+    if args.ids:
+        print("\nimage ids:")
+        for r in datasets.images_table(args.name).itertuples():
+            print(f"  {r.image_id}  {r.split:5}  {r.label}  {r.path}")
+    return 0
+
+
+def _print_summary(name: str) -> None:
+    ds = datasets.get_dataset(name)
+    counts = datasets.class_counts(name)
+    print(f"dataset {name} ({ds['kind']}: {ds['source']}), working size {ds['image_size']}px x {ds['channels']}ch")
+    print(counts.to_string(index=False) if len(counts) else "no images")
+    skipped = (datasets.problems_table(name).severity == "skipped").sum()
+    if skipped:
+        print(f"{skipped} file(s) skipped: `redex info {name}` lists them with their reasons")
+
+
+def cmd_embed(args) -> int:
+    datasets.load_pixels(args.name)  # fail fast if it was never scanned
+    params = {k: v for k, v in {"backbone": args.backbone, "epochs": args.epochs,
+                                "checkpoint": args.checkpoint, "retrain": args.retrain}.items() if v}
+    job_id = jobs.launch("embed", args.name, params)
+    print(f"embedding {args.name!r} (job {job_id})")
+    return _run_or_detach(args, job_id)
+
+
+def cmd_project(args) -> int:
+    from core.embeddings import list_backbones
+
+    bid = args.backbone_id
+    if not bid:
+        backs = list_backbones(args.name)
+        backs = backs[backs.embedded > 0]
+        if backs.empty:
+            raise CliError(f"no embeddings for {args.name!r} yet: run `redex embed {args.name}` first")
+        bid = backs.backbone_id.iloc[0]
+    job_id = jobs.launch("project", args.name, {"backbone_id": bid})
+    print(f"UMAP of {args.name!r} with {bid} (job {job_id})")
+    return _run_or_detach(args, job_id)
+
+
+def cmd_jobs(args) -> int:
+    rows = jobs.list_jobs(limit=10_000 if args.all else 20)
+    if not rows:
+        print("no jobs yet")
+    for j in rows:
+        prog = f"{j['done']}/{j['total']}" if j["total"] else ""
+        extra = j["error"] if j["status"] == "failed" else (j["message"] or "")
+        print(f"{j['id']:>5}  {j['kind']:<8} {j['dataset'] or '':<20} {j['status']:<10} {prog:>13}  {extra}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    if jobs.cancel(args.job_id):
+        print(f"job {args.job_id} cancelled")
+        return 0
+    job = jobs.get_job(args.job_id)
+    raise CliError(f"job {args.job_id} " + ("does not exist" if job is None else f"is already {job['status']}"))
+
+
+# -- following a job ---------------------------------------------------------------------------
+def _run_or_detach(args, job_id: int, after=None) -> int:
+    if args.detach:
+        print(f"running in the background: `redex follow {job_id}`, `redex cancel {job_id}`")
+        return 0
+    code = follow(job_id)
+    if code == 0 and after:
+        after()
+    return code
+
+
+def follow(job_id: int, poll: float = 0.5) -> int:
+    """Show a job's progress until it ends; exit code 0 if done, 1 if failed/cancelled."""
+    from tqdm import tqdm
+
+    store = get_store()
+    bar, phase = None, None
+    try:
+        while True:
+            job = jobs.get_job(job_id, store)
+            if job is None:
+                raise CliError(f"no job {job_id}")
+            if job["phase"] != phase or bar is None:
+                if bar is not None:
+                    bar.close()
+                phase = job["phase"]
+                bar = tqdm(total=job["total"] or None, desc=phase or job["status"], unit="it",
+                           dynamic_ncols=True, file=sys.stderr)
+            if job["total"] and bar.total != job["total"]:
+                bar.total = job["total"]
+            bar.n = job["done"] or 0
+            if job["message"]:
+                bar.set_postfix_str(job["message"][:60], refresh=False)
+            bar.refresh()
+            if job["status"] in jobs.FINAL:
+                bar.close()
+                break
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"\nstopped following; job {job_id} keeps running (`redex cancel {job_id}` stops it)",
+              file=sys.stderr)
+        return 130
+    if job["status"] == "done":
+        return 0
+    detail = job["error"] or job["message"] or ""
+    print(f"redex: job {job_id} {job['status']}: {detail}", file=sys.stderr)
+    tail = jobs.log_tail(job, 15)
+    if job["status"] == "failed" and tail:
+        print(tail, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

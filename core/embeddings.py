@@ -1,0 +1,285 @@
+"""Embeddings of a dataset's images: backbone (trained here or pretrained), resumable embedding, UMAP.
+
+Backbone ids are cache keys: everything that changes the features is in them (spec, the dataset
+and recipe a backbone was trained with, or the checkpoint and working size of a pretrained one).
+Embeddings are stored one row per (backbone, image content id), so an image that did not change
+is never embedded twice, a changed file gets a new content id (and only it is embedded again),
+and a job killed half-way resumes: it embeds only the images that have no row yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from core import config
+from core.datasets import get_dataset, images_table, load_pixels
+from core.jobs import JobContext, task
+from core.store import Store, get_store, to_json
+
+EMBED_CHUNK = 4096  # images per committed chunk (the unit of resume)
+
+
+# -- backbone ids and loading ------------------------------------------------------------------
+def backbone_id(dataset: str, spec: str, *, recipe: dict | None = None, checkpoint: str | None = None,
+                store: Store | None = None) -> str:
+    from core.backbones import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind == "trained":
+        tag = hashlib.blake2b(to_json(recipe or {}).encode(), digest_size=4).hexdigest()
+        return f"{spec}@{dataset}#{tag}"
+    ds = get_dataset(dataset, store)
+    ident = f"{spec}@{ds['image_size']}x{ds['channels']}"
+    if checkpoint:
+        ident += "#" + _file_digest(Path(checkpoint))
+    return ident
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=6)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_backbones(dataset: str, store: Store | None = None):
+    """Backbones with embeddings for this dataset, newest first, with how many images they cover."""
+    store = store or get_store()
+    return store.query_df(
+        "SELECT b.backbone_id, b.spec, b.dim, b.metrics, b.created_at, count(e.image_id) AS embedded"
+        " FROM backbones b LEFT JOIN embeddings e ON e.backbone_id = b.backbone_id"
+        "  AND e.image_id IN (SELECT image_id FROM images WHERE dataset = ?)"
+        " WHERE b.dataset = ? OR b.dataset IS NULL GROUP BY ALL ORDER BY b.created_at DESC",
+        [dataset, dataset])
+
+
+def _labels_as_int(labels, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def training_split(name: str, store: Store, seed: int = 0):
+    """(train rows, eval rows, eval name): test split, else val, else 10% of train held out."""
+    table = images_table(name, store)
+    train = table[table.split == "train"]
+    for split in ("test", "val"):
+        held = table[table.split == split]
+        if len(held):
+            return train, held, split
+    rng = np.random.default_rng(seed)
+    mask = rng.random(len(train)) < 0.1
+    return train[~mask], train[mask], "held-out 10% of train"
+
+
+def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoint: str | None = None,
+                    retrain: bool = False, store: Store | None = None, ctx: JobContext | None = None):
+    """Load (or train, for `trained:` specs) the backbone. Returns (model, backbone_id)."""
+    from core import backbones
+    from core.training import default_recipe
+
+    store = store or get_store()
+    parsed = backbones.parse_spec(spec)
+    ds = get_dataset(name, store)
+    if parsed.kind != "trained":
+        model = backbones.load_timm(parsed.name, checkpoint=checkpoint)
+        bid = backbone_id(name, spec, checkpoint=checkpoint, store=store)
+        _record_backbone(store, bid, None, spec, None, model.embed_dim, {})
+        return model, bid
+    recipe = dataclasses.replace(default_recipe(ds["image_size"]), arch=parsed.name)
+    if epochs:
+        recipe = dataclasses.replace(recipe, epochs=int(epochs))
+    bid = backbone_id(name, spec, recipe=recipe.to_dict())
+    ckpt = config.artifacts_dir("backbones") / f"{_safe(bid)}.pt"
+    if ckpt.exists() and not retrain:
+        model, _meta = backbones.load_checkpoint(ckpt)
+        if ctx:
+            ctx.log(f"reusing trained backbone {bid}")
+        return model, bid
+    model, metrics = _train(name, spec, recipe, store, ctx)
+    backbones.save_checkpoint(model, ckpt, {"backbone_id": bid, "dataset": name, "recipe": recipe.to_dict()})
+    _record_backbone(store, bid, name, spec, str(ckpt), model.embed_dim, metrics)
+    # A retrained backbone makes the old embeddings stale.
+    store.execute("DELETE FROM embeddings WHERE backbone_id = ?", [bid])
+    return model, bid
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):
+    from core import backbones
+
+    ds = get_dataset(name, store)
+    pixels = load_pixels(name, store)
+    train, held, held_name = training_split(name, store, seed=recipe.seed)
+    classes = list(ds["classes"])
+    if ctx:
+        ctx.phase(f"train backbone {spec} ({len(train):,} images, eval on {held_name})")
+        ctx.log(f"recipe: {to_json(recipe.to_dict())}")
+
+    def report(done, total, info):
+        ctx.progress(done, total, _train_message(info))
+
+    model, metrics = backbones.train_backbone(
+        spec, np.asarray(pixels[train.row.to_numpy()]), _labels_as_int(train.label, classes), len(classes),
+        recipe=recipe, eval_images=np.asarray(pixels[held.row.to_numpy()]),
+        eval_labels=_labels_as_int(held.label, classes),
+        progress=report if ctx else None, should_stop=ctx.should_stop if ctx else None)
+    metrics = dict(metrics, eval_split=held_name, classes=classes)
+    if ctx:
+        ctx.log(f"backbone trained: eval accuracy {metrics.get('test_acc', metrics.get('top1'))}")
+    return model, metrics
+
+
+def _train_message(info: dict) -> str:
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()]
+    return "training: " + ", ".join(parts)
+
+
+def _record_backbone(store: Store, bid: str, dataset: str | None, spec: str, checkpoint: str | None,
+                     dim: int, metrics: dict) -> None:
+    with store.write() as con:
+        con.execute("DELETE FROM backbones WHERE backbone_id = ?", [bid])
+        con.execute("INSERT INTO backbones (backbone_id, dataset, spec, checkpoint, dim, metrics)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", [bid, dataset, spec, checkpoint, dim, to_json(metrics)])
+
+
+# -- embedding ---------------------------------------------------------------------------------
+def missing_rows(name: str, bid: str, store: Store) -> np.ndarray:
+    """Pixel-cache rows of images with no embedding yet (one row per content id), ascending."""
+    rows = store.query(
+        "SELECT min(i.row) FROM images i WHERE i.dataset = ? AND NOT EXISTS ("
+        " SELECT 1 FROM embeddings e WHERE e.backbone_id = ? AND e.image_id = i.image_id)"
+        " GROUP BY i.image_id ORDER BY 1", [name, bid])
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def embed_dataset(name: str, model, bid: str, *, store: Store | None = None, ctx: JobContext | None = None,
+                  batch_size: int = 256) -> dict:
+    """Embed every image that has no embedding for `bid`, committing chunk by chunk."""
+    import pyarrow as pa
+
+    from core.backbones import embed_batches
+
+    store = store or get_store()
+    pixels = load_pixels(name, store)
+    table = images_table(name, store)
+    todo = missing_rows(name, bid, store)
+    total_unique = table.image_id.nunique()
+    already = total_unique - len(todo)
+    if ctx:
+        ctx.phase(f"embed with {bid}", total=total_unique)
+        ctx.resume_from(already)
+        if already:
+            ctx.log(f"resuming: {already:,} of {total_unique:,} images already embedded")
+    ids = table.image_id.to_numpy()
+    done = already
+    for start in range(0, len(todo), EMBED_CHUNK):
+        rows = todo[start:start + EMBED_CHUNK]
+        feats = np.concatenate([f for _, _, f in embed_batches(model, np.asarray(pixels[rows]),
+                                                               batch_size=batch_size)])
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.astype(np.float32).ravel()), feats.shape[1])
+        chunk = pa.table({"image_id": pa.array(ids[rows]), "vec": vec})
+        with store.write() as con:
+            con.register("chunk", chunk)
+            con.execute("INSERT OR REPLACE INTO embeddings SELECT ?, image_id, vec::FLOAT[] FROM chunk", [bid])
+        done += len(rows)
+        if ctx:
+            ctx.progress(done, total_unique, f"embedded {done:,} / {total_unique:,}", force=True)
+    return {"backbone_id": bid, "embedded": int(len(todo)), "reused": int(already), "total": int(total_unique)}
+
+
+def load_embeddings(name: str, bid: str, store: Store | None = None):
+    """(images DataFrame, float32 [N, D]) for the dataset's images that have an embedding, by row."""
+    store = store or get_store()
+    with store.read() as con:
+        arrow = con.execute(
+            "SELECT i.row, i.path, i.image_id, i.label, i.split, e.vec FROM images i"
+            " JOIN embeddings e ON e.image_id = i.image_id AND e.backbone_id = ?"
+            " WHERE i.dataset = ? ORDER BY i.row", [bid, name]).arrow()
+    if hasattr(arrow, "read_all"):  # newer duckdb returns a RecordBatchReader
+        arrow = arrow.read_all()
+    vec = arrow.column("vec").combine_chunks()
+    table = arrow.drop(["vec"]).to_pandas()
+    if len(table) == 0:
+        return table, np.zeros((0, 0), np.float32)
+    flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return table, flat.reshape(len(table), -1)
+
+
+@task("embed")
+def _embed_task(ctx: JobContext) -> dict:
+    from core.backbones import DEFAULT_BACKBONE
+
+    p = ctx.params
+    model, bid = ensure_backbone(ctx.dataset, p.get("backbone") or DEFAULT_BACKBONE, epochs=p.get("epochs"),
+                                 checkpoint=p.get("checkpoint"), retrain=bool(p.get("retrain")),
+                                 store=ctx.store, ctx=ctx)
+    return embed_dataset(ctx.dataset, model, bid, store=ctx.store, ctx=ctx)
+
+
+# -- 2-D map and neighbours --------------------------------------------------------------------
+def fingerprint(table) -> str:
+    return hashlib.blake2b("".join(table.image_id).encode(), digest_size=8).hexdigest()
+
+
+def projection(name: str, bid: str, store: Store | None = None):
+    """The cached UMAP of (dataset, backbone) if it matches the current embeddings, else None."""
+    store = store or get_store()
+    table, _ = load_embeddings(name, bid, store)
+    if table.empty:
+        return None
+    df = store.query_df("SELECT path, x, y, fingerprint FROM projections WHERE dataset = ? AND backbone_id = ?"
+                        " AND method = 'umap'", [name, bid])
+    if df.empty or df.fingerprint.iloc[0] != fingerprint(table) or len(df) != len(table):
+        return None
+    return table.merge(df.drop(columns="fingerprint"), on="path")
+
+
+def compute_projection(name: str, bid: str, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
+                       store: Store | None = None, ctx: JobContext | None = None) -> dict:
+    """UMAP (cosine) of the embeddings to 2-D, stored in the projections table."""
+    import pandas as pd
+    import umap
+
+    store = store or get_store()
+    table, emb = load_embeddings(name, bid, store)
+    if table.empty:
+        raise ValueError(f"no embeddings for {name!r} with backbone {bid}: run an embedding job first")
+    if ctx:
+        ctx.phase(f"UMAP of {len(table):,} embeddings", total=1)
+    n_neighbors = max(2, min(n_neighbors, len(table) - 1))
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed,
+                        init="spectral" if len(table) > n_neighbors + 2 else "random")
+    xy = reducer.fit_transform(emb) if len(table) > 2 else np.zeros((len(table), 2), np.float32)
+    out = pd.DataFrame({"dataset": name, "backbone_id": bid, "method": "umap", "fingerprint": fingerprint(table),
+                        "path": table.path, "x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)})
+    with store.write() as con:
+        con.execute("DELETE FROM projections WHERE dataset = ? AND backbone_id = ? AND method = 'umap'", [name, bid])
+        con.register("proj", out)
+        con.execute("INSERT INTO projections SELECT * FROM proj")
+    if ctx:
+        ctx.progress(1, 1, force=True)
+    return {"points": len(out)}
+
+
+@task("project")
+def _project_task(ctx: JobContext) -> dict:
+    return compute_projection(ctx.dataset, ctx.params["backbone_id"], seed=int(ctx.params.get("seed", 0)),
+                              store=ctx.store, ctx=ctx)
+
+
+def nearest_neighbours(emb: np.ndarray, index: int, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine distances of the k nearest neighbours of emb[index] (itself excluded)."""
+    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    dist = 1.0 - norm @ norm[index]
+    dist[index] = np.inf
+    k = min(k, len(emb) - 1)
+    idx = np.argpartition(dist, k)[:k] if k < len(emb) - 1 else np.arange(len(emb))[np.isfinite(dist)]
+    idx = idx[np.argsort(dist[idx])]
+    return idx, dist[idx]

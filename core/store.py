@@ -1,0 +1,256 @@
+"""The DuckDB store: one file holds datasets, images, problems, embeddings, projections and jobs.
+
+DuckDB lets one process write a file at a time, and a read-write connection excludes every other
+process, readers included. The app, the CLI and background jobs all use the file at once, so no
+process keeps a connection open: each unit of work opens one, does it, and closes it, inside a
+cross-process lock on a side file (`<db>.lock`): shared for readers, exclusive for writers.
+Waiters queue on the lock instead of failing with DuckDB's "could not set lock" error, which
+never reaches the user. Units of work are short (a bulk insert of 70,000 embeddings takes well
+under a second), so nobody waits long.
+
+Within one thread, nested `read()`/`write()` calls reuse the connection already open (a read
+inside a write sees the write's own changes).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from core import config
+
+LOCK_TIMEOUT_S = float(os.environ.get("REDEX_LOCK_TIMEOUT", "300"))
+
+# Ordered migrations; the store applies those above the file's schema_version at first use.
+MIGRATIONS: list[str] = [
+    # 1: the foundation.
+    """
+    CREATE TABLE datasets (
+        name        VARCHAR PRIMARY KEY,
+        kind        VARCHAR NOT NULL,          -- imagefolder | manifest | fashion-mnist
+        source      VARCHAR NOT NULL,          -- folder or manifest path as given
+        root        VARCHAR NOT NULL,          -- folder the image paths are relative to
+        options     JSON,
+        image_size  INTEGER,                   -- working size of the pixel cache (square)
+        channels    INTEGER,                   -- 1 (grayscale) or 3 (RGB)
+        pixels      VARCHAR,                   -- .npy pixel cache [N, S, S, C] uint8, rows = images.row
+        classes     VARCHAR[],
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        scanned_at  TIMESTAMP
+    );
+    CREATE TABLE images (
+        dataset     VARCHAR NOT NULL,
+        row         INTEGER NOT NULL,          -- row in the dataset's pixel cache
+        path        VARCHAR NOT NULL,          -- relative to the dataset root
+        image_id    VARCHAR NOT NULL,          -- content id: hash of the file's bytes
+        pixel_hash  VARCHAR NOT NULL,          -- hash of the decoded pixels
+        label       VARCHAR NOT NULL,
+        split       VARCHAR NOT NULL,          -- train | val | test
+        width       INTEGER, height INTEGER, mode VARCHAR,
+        size_bytes  BIGINT, mtime DOUBLE,
+        PRIMARY KEY (dataset, path)
+    );
+    CREATE TABLE problems (
+        dataset     VARCHAR NOT NULL,
+        path        VARCHAR NOT NULL,
+        severity    VARCHAR NOT NULL,          -- skipped (left out) | converted (kept, note)
+        reason      VARCHAR NOT NULL,
+        detail      VARCHAR,
+        PRIMARY KEY (dataset, path)
+    );
+    CREATE TABLE backbones (
+        backbone_id VARCHAR PRIMARY KEY,
+        dataset     VARCHAR,
+        spec        VARCHAR NOT NULL,
+        checkpoint  VARCHAR,
+        dim         INTEGER,
+        metrics     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE embeddings (
+        backbone_id VARCHAR NOT NULL,
+        image_id    VARCHAR NOT NULL,
+        vec         FLOAT[] NOT NULL,
+        PRIMARY KEY (backbone_id, image_id)
+    );
+    CREATE TABLE projections (
+        dataset     VARCHAR NOT NULL,
+        backbone_id VARCHAR NOT NULL,
+        method      VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,          -- of the embeddings it was computed from
+        path        VARCHAR NOT NULL,
+        x FLOAT, y FLOAT,
+        PRIMARY KEY (dataset, backbone_id, method, path)
+    );
+    CREATE SEQUENCE job_ids START 1;
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY DEFAULT nextval('job_ids'),
+        kind        VARCHAR NOT NULL,
+        dataset     VARCHAR,
+        params      JSON,
+        status      VARCHAR NOT NULL,          -- queued | running | done | failed | cancelled
+        pid         INTEGER,
+        done        BIGINT DEFAULT 0,
+        total       BIGINT,
+        rate        DOUBLE,                    -- units per second
+        phase       VARCHAR,
+        message     VARCHAR,
+        error       VARCHAR,
+        result      JSON,
+        log_path    VARCHAR,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        started_at  TIMESTAMP,
+        updated_at  TIMESTAMP,
+        finished_at TIMESTAMP
+    );
+    CREATE TABLE job_events (
+        job_id      INTEGER NOT NULL,
+        ts          TIMESTAMP DEFAULT current_timestamp,
+        level       VARCHAR NOT NULL,
+        message     VARCHAR NOT NULL
+    );
+    """,
+]
+
+
+class StoreLockTimeout(RuntimeError):
+    """Another process held the store for longer than REDEX_LOCK_TIMEOUT seconds."""
+
+
+class Store:
+    """Short-lived, lock-guarded DuckDB connections to one file; safe across processes and threads."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else config.db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connections -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection (shared lock); reuses this thread's open connection if any."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            yield con
+            return
+        with self._locked(fcntl.LOCK_SH):
+            con = _connect(self.path, read_only=True)
+            self._local.con = con
+            try:
+                yield con
+            finally:
+                self._local.con = None
+                con.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction (exclusive lock): all or nothing."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            if getattr(self._local, "read_only", False):
+                raise RuntimeError("store.write() inside store.read(): open the write first")
+            yield con
+            return
+        with self._locked(fcntl.LOCK_EX):
+            con = _connect(self.path, read_only=False)
+            self._local.con = con
+            try:
+                con.begin()
+                yield con
+                con.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    con.rollback()
+                raise
+            finally:
+                self._local.con = None
+                con.close()
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._local.read_only = mode == fcntl.LOCK_SH
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            delay = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreLockTimeout(
+                            f"the redex store {self.path} stayed busy for {LOCK_TIMEOUT_S:.0f} s"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            yield
+        finally:
+            self._local.read_only = False
+            os.close(fd)  # closing the descriptor releases the lock
+
+    # -- helpers -----------------------------------------------------------------------------
+    def query(self, sql: str, params: list | tuple | None = None) -> list[tuple]:
+        with self.read() as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def query_df(self, sql: str, params: list | tuple | None = None):
+        with self.read() as con:
+            return con.execute(sql, params or []).df()
+
+    def execute(self, sql: str, params: list | tuple | None = None) -> list[tuple]:
+        with self.write() as con:
+            cur = con.execute(sql, params or [])
+            return cur.fetchall() if cur.description else []
+
+    def schema_version(self) -> int:
+        with self.read() as con:
+            return con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+
+    def _migrate(self) -> None:
+        with self.write() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+                        " applied_at TIMESTAMP DEFAULT current_timestamp)")
+            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version > current:
+                    con.execute(sql)
+                    con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Open the file, retrying DuckDB's own lock error (a process outside redex holding it)."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+_stores: dict[Path, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(path: str | Path | None = None) -> Store:
+    """The process-wide Store for a file (default: the configured cache)."""
+    key = Path(path) if path else config.db_path()
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = Store(key)
+        return _stores[key]
