@@ -264,19 +264,26 @@ def _to_working(im: Image.Image, size: int, channels: int) -> np.ndarray:
 
 
 def _choose_working_format(root: Path, entries: list[Entry], image_size: int | None) -> tuple[int, int]:
-    """Working size and channels from the headers of a sample of images."""
-    sizes, gray = set(), True
+    """Working size and channels from the headers of a sample of images.
+
+    Size: the given one; else the most common size if it is at most SMALL_IMAGE_MAX (so a few odd
+    images don't resize the whole dataset); else DEFAULT_WORKING_SIZE. Channels: 1 if every sampled
+    image is grayscale, else 3.
+    """
+    sizes: dict[tuple[int, int], int] = {}
+    gray = True
     for e in entries[:: max(1, len(entries) // 200)][:200]:
         try:
             with Image.open(root / e.path) as im:
-                sizes.add(im.size)
+                sizes[im.size] = sizes.get(im.size, 0) + 1
                 gray &= im.mode in _GRAY_MODES
         except Exception:  # noqa: BLE001 - bad files are reported by the scan itself
             continue
+    common = max(sizes, key=sizes.get) if sizes else None
     if image_size:
         size = image_size
-    elif len(sizes) == 1 and max(next(iter(sizes))) <= SMALL_IMAGE_MAX:
-        size = max(next(iter(sizes)))
+    elif common and max(common) <= SMALL_IMAGE_MAX:
+        size = max(common)
     else:
         size = DEFAULT_WORKING_SIZE
     return size, 1 if gray and sizes else 3
@@ -288,8 +295,8 @@ class ScanReport:
     images: int
     skipped: int
     converted: int
-    reused: int
-    decoded: int
+    reused: int    # unchanged since the last scan (size and mtime): not decoded again
+    decoded: int   # decoded in this run (chunks finished by an interrupted run count in neither)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -347,7 +354,7 @@ def _scan_chunk(root: Path, entries: list[Entry], size: int, channels: int, old:
     if part.exists():
         with np.load(part, allow_pickle=False) as z:
             return {"meta": json.loads(str(z["meta"])), "pixels": z["pixels"]}
-    meta, pixels, reused = [], [], 0
+    meta, pixels, reused, decoded = [], [], 0, 0
     for e, st in zip(entries, stats):
         prev = old.get(e.path)
         if st and prev and (prev[0], prev[1]) == st:
@@ -355,6 +362,7 @@ def _scan_chunk(root: Path, entries: list[Entry], size: int, channels: int, old:
         else:
             try:
                 dec = decode(_read(root / e.path), size, channels)
+                decoded += 1
             except BadImage as exc:
                 meta.append({"path": e.path, "bad": str(exc)})
                 continue
@@ -363,7 +371,7 @@ def _scan_chunk(root: Path, entries: list[Entry], size: int, channels: int, old:
                      "note": dec.note, "size_bytes": st[0], "mtime": st[1]})
         pixels.append(np.asarray(dec.pixels))
     stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, channels), np.uint8)
-    out = {"meta": meta, "pixels": stacked, "reused": reused}
+    out = {"meta": meta, "pixels": stacked, "reused": reused, "decoded": decoded}
     tmp = part.with_suffix(".tmp.npz")
     np.savez(tmp, meta=np.array(to_json(meta)), pixels=stacked)
     os.replace(tmp, part)
@@ -428,7 +436,8 @@ def _commit_scan(store: Store, ds: dict, entries: list[Entry], chunks: list[dict
         Path(old_pix).unlink(missing_ok=True)
     return ScanReport(images=len(good), skipped=len(meta) - len(good),
                       converted=sum(1 for m in good if m["note"]),
-                      reused=sum(c.get("reused", 0) for c in chunks), decoded=len(good))
+                      reused=sum(c.get("reused", 0) for c in chunks),
+                      decoded=sum(c.get("decoded", 0) for c in chunks))
 
 
 @task("scan", heavy=False)

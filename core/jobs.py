@@ -120,6 +120,36 @@ def log_tail(job: dict, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def describe(job: dict) -> dict:
+    """What a progress bar shows: fraction done (or None), ETA in seconds (or None), and a line of text."""
+    done, total, rate = job.get("done") or 0, job.get("total"), job.get("rate")
+    fraction = min(1.0, done / total) if total else None
+    eta = (total - done) / rate if total and rate and job["status"] == "running" else None
+    parts = [job["status"]]
+    if job.get("phase"):
+        parts.append(job["phase"])
+    if total:
+        parts.append(f"{done:,}/{total:,}")
+    if rate:
+        parts.append(f"{rate:,.1f}/s")
+    if eta is not None:
+        parts.append(f"ETA {format_seconds(eta)}")
+    if job.get("message") and job["message"] not in (job.get("phase"), job["status"]):
+        parts.append(job["message"])
+    if job["status"] == "failed" and job.get("error"):
+        parts.append(job["error"])
+    return {"fraction": fraction, "eta_s": eta, "text": " · ".join(parts)}
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def cancel(job_id: int, store: Store | None = None, wait_s: float = 10.0) -> bool:
     """Ask a job to stop (SIGTERM to its process group; SIGKILL after `wait_s`). True if it was active."""
     store = store or get_store()

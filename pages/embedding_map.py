@@ -1,0 +1,76 @@
+"""Embedding map: UMAP of a dataset's embeddings, coloured by class; select points to see images."""
+import plotly.express as px
+import streamlit as st
+
+from core import datasets, embeddings, jobs
+from pages import widgets
+
+st.title("Embedding map")
+name = widgets.dataset_picker()
+if name is None:
+    st.stop()
+backs = embeddings.list_backbones(name)
+backs = backs[backs.embedded > 0]
+if backs.empty:
+    st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
+    st.stop()
+bid = st.selectbox("Backbone", list(backs.backbone_id))
+
+
+@st.cache_data(max_entries=4, show_spinner="Loading embeddings...")
+def load(name: str, bid: str, embedded: int):
+    """Embeddings and the map for (dataset, backbone); `embedded` is in the key so new rows refresh it."""
+    table, emb = embeddings.load_embeddings(name, bid)
+    return table, emb, embeddings.projection(name, bid)
+
+
+table, emb, proj = load(name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0]))
+
+
+@st.fragment(run_every="2s")
+def projection_job() -> None:
+    running = [j for j in jobs.list_jobs(dataset=name, limit=20)
+               if j["kind"] == "project" and j["params"].get("backbone_id") == bid]
+    if running and running[0]["status"] in jobs.ACTIVE:
+        widgets.job_status(running[0])
+        st.session_state["map_waiting"] = True
+    elif st.session_state.pop("map_waiting", False):
+        load.clear()
+        st.rerun(scope="app")
+    elif running and running[0]["status"] == "failed":
+        widgets.job_status(running[0])
+
+
+if proj is None:
+    st.write(f"{len(table):,} embeddings, no up-to-date map yet.")
+    if st.button("Compute the UMAP map", type="primary"):
+        jobs.launch("project", name, {"backbone_id": bid})
+        st.session_state["map_waiting"] = True
+        st.rerun()
+    projection_job()
+    st.stop()
+
+fig = px.scatter(proj, x="x", y="y", color="label", hover_data=["path", "split"], custom_data=["row"],
+                 render_mode="webgl", height=620)
+fig.update_traces(marker={"size": 4 if len(proj) > 5000 else 7})
+fig.update_layout(legend_title_text="class", dragmode="lasso", xaxis_visible=False, yaxis_visible=False)
+event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map")
+
+points = event.selection.points if event and event.selection else []
+rows = [p["customdata"][0] for p in points]
+pixels = datasets.load_pixels(name)
+by_row = table.reset_index(drop=True)
+position = {r: i for i, r in enumerate(by_row.row)}
+if not rows:
+    st.caption("Select points (click, box or lasso) to see their images; one point shows its nearest neighbours.")
+    st.stop()
+
+st.subheader(f"{len(rows):,} selected")
+labels = by_row.set_index("row").label
+widgets.image_grid(pixels, rows[:96], [labels[r] for r in rows[:96]])
+focus = rows[0] if len(rows) == 1 else st.selectbox("Nearest neighbours of", rows[:96],
+                                                     format_func=lambda r: f"{by_row.path[position[r]]}")
+idx, dist = embeddings.nearest_neighbours(emb, position[focus], k=12)
+st.subheader(f"Nearest neighbours of {by_row.path[position[focus]]} ({labels[focus]})")
+neighbour_rows = by_row.row.to_numpy()[idx]
+widgets.image_grid(pixels, neighbour_rows, [f"{labels[r]} · {d:.3f}" for r, d in zip(neighbour_rows, dist)])

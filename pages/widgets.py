@@ -1,0 +1,56 @@
+"""Small Streamlit widgets shared by the pages (layout only; the data comes from `core`)."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from core import datasets, jobs
+
+
+def dataset_picker(key: str = "dataset") -> str | None:
+    """A select box of scanned datasets; remembers the choice across pages."""
+    df = datasets.list_datasets()
+    names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []
+    if not names:
+        st.info("No dataset yet. Add one on the **Datasets** page (one click loads the Fashion-MNIST demo).")
+        return None
+    current = st.session_state.get("dataset")
+    index = names.index(current) if current in names else 0
+    name = st.selectbox("Dataset", names, index=index, key=key)
+    st.session_state["dataset"] = name
+    return name
+
+
+def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
+    """Nearest-neighbour upscale of a small [H, W, C] image so it is visible (pixels stay sharp)."""
+    factor = max(1, min_side // max(img.shape[0], 1))
+    img = img.repeat(factor, axis=0).repeat(factor, axis=1)
+    return img[:, :, 0] if img.shape[2] == 1 else img
+
+
+def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None = None, columns: int = 12) -> None:
+    """Thumbnails of the given pixel-cache rows."""
+    if len(rows) == 0:
+        st.caption("no images")
+        return
+    cols = st.columns(columns)
+    for i, row in enumerate(rows):
+        with cols[i % columns]:
+            st.image(upscale(np.asarray(pixels[row])), caption=captions[i] if captions else None)
+
+
+def job_status(job: dict) -> None:
+    """One job's progress bar and status line, with a cancel button while it is active."""
+    info = jobs.describe(job)
+    label = f"#{job['id']} {job['kind']} · {info['text']}"
+    if job["status"] in jobs.ACTIVE:
+        st.progress(info["fraction"] or 0.0, text=label)
+        if st.button("Cancel", key=f"cancel-{job['id']}"):
+            jobs.cancel(job["id"])
+            st.rerun()
+    elif job["status"] == "done":
+        st.success(label)
+    elif job["status"] == "failed":
+        st.error(label)
+    else:
+        st.warning(label)

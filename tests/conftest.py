@@ -1,0 +1,54 @@
+"""Shared fixtures: every test gets its own cache folder (its own DuckDB file) and real images."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import config, store as store_mod
+from core.idx import load_fashion_mnist
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh REDEX_CACHE for this test (child processes inherit it)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("REDEX_CACHE", str(path))
+    store_mod._stores.clear()
+    yield config.cache_dir()
+    store_mod._stores.clear()
+
+
+@pytest.fixture
+def store(cache):
+    return store_mod.get_store()
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    """Real Fashion-MNIST test split: uint8 [10000, 28, 28], int64 [10000]."""
+    return load_fashion_mnist(config.fashion_mnist_dir(), "test")
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path, fmnist_test) -> Path:
+    """An ImageFolder of 60 real Fashion-MNIST images: train/ and test/, 3 classes x (15 + 5)."""
+    images, labels = fmnist_test
+    root = tmp_path / "folder"
+    for cls in (0, 1, 2):
+        idx = np.flatnonzero(labels == cls)[:20]
+        for j, i in enumerate(idx):
+            split = "train" if j < 15 else "test"
+            path = root / split / f"class{cls}" / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png_bytes(images[i]))
+    return root
