@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from core.datasets import get_dataset, images_table, load_pixels
 from core.jobs import JobContext, task
 from core.store import Store, get_store, to_json
 
-EMBED_CHUNK = 4096  # images per committed chunk (the unit of resume)
+EMBED_CHUNK = int(os.environ.get("REDEX_EMBED_CHUNK", "4096"))  # images per committed chunk (unit of resume)
 
 
 # -- backbone ids and loading ------------------------------------------------------------------

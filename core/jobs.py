@@ -276,10 +276,10 @@ def run_job(job_id: int, store: Store) -> int:
         _finish(store, job_id, "done", result=result, message="done")
         ctx.log("done")
         return 0
-    except JobCancelled:
-        _finish(store, job_id, "cancelled", message="cancelled by the user")
-        return 0
-    except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised as exit code
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded and becomes the exit code
+        if isinstance(exc, JobCancelled) or ctx.should_stop():  # a task's own cancel exception too
+            _finish(store, job_id, "cancelled", message="cancelled by the user")
+            return 0
         traceback.print_exc()
         error = f"{type(exc).__name__}: {exc}"
         _finish(store, job_id, "failed", error=error, message="failed")
