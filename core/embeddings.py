@@ -199,12 +199,10 @@ def load_embeddings(name: str, bid: str, store: Store | None = None):
     """(images DataFrame, float32 [N, D]) for the dataset's images that have an embedding, by row."""
     store = store or get_store()
     with store.read() as con:
-        arrow = con.execute(
+        arrow = con.sql(
             "SELECT i.row, i.path, i.image_id, i.label, i.split, e.vec FROM images i"
-            " JOIN embeddings e ON e.image_id = i.image_id AND e.backbone_id = ?"
-            " WHERE i.dataset = ? ORDER BY i.row", [bid, name]).arrow()
-    if hasattr(arrow, "read_all"):  # newer duckdb returns a RecordBatchReader
-        arrow = arrow.read_all()
+            " JOIN embeddings e ON e.image_id = i.image_id AND e.backbone_id = $bid"
+            " WHERE i.dataset = $name ORDER BY i.row", params={"bid": bid, "name": name}).to_arrow_table()
     vec = arrow.column("vec").combine_chunks()
     table = arrow.drop(["vec"]).to_pandas()
     if len(table) == 0:
@@ -229,10 +227,14 @@ def fingerprint(table) -> str:
     return hashlib.blake2b("".join(table.image_id).encode(), digest_size=8).hexdigest()
 
 
-def projection(name: str, bid: str, store: Store | None = None):
-    """The cached UMAP of (dataset, backbone) if it matches the current embeddings, else None."""
+def projection(name: str, bid: str, store: Store | None = None, table=None):
+    """The cached UMAP of (dataset, backbone) if it matches the current embeddings, else None.
+
+    `table`: the images table from `load_embeddings`, when the caller has it already.
+    """
     store = store or get_store()
-    table, _ = load_embeddings(name, bid, store)
+    if table is None:
+        table, _ = load_embeddings(name, bid, store)
     if table.empty:
         return None
     df = store.query_df("SELECT path, x, y, fingerprint FROM projections WHERE dataset = ? AND backbone_id = ?"

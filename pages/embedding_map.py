@@ -19,12 +19,12 @@ bid = st.selectbox("Backbone", list(backs.backbone_id))
 
 @st.cache_data(max_entries=4, show_spinner="Loading embeddings...")
 def load(name: str, bid: str, embedded: int):
-    """Embeddings and the map for (dataset, backbone); `embedded` is in the key so new rows refresh it."""
-    table, emb = embeddings.load_embeddings(name, bid)
-    return table, emb, embeddings.projection(name, bid)
+    """Embeddings of (dataset, backbone); `embedded` is in the key so new rows refresh it."""
+    return embeddings.load_embeddings(name, bid)
 
 
-table, emb, proj = load(name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0]))
+table, emb = load(name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0]))
+proj = embeddings.projection(name, bid, table=table)
 
 
 @st.fragment(run_every="2s")
@@ -35,7 +35,6 @@ def projection_job() -> None:
         widgets.job_status(running[0])
         st.session_state["map_waiting"] = True
     elif st.session_state.pop("map_waiting", False):
-        load.clear()
         st.rerun(scope="app")
     elif running and running[0]["status"] == "failed":
         widgets.job_status(running[0])

@@ -7,7 +7,7 @@ import streamlit as st
 from core import datasets, jobs
 
 
-def dataset_picker(key: str = "dataset") -> str | None:
+def dataset_picker(key: str = "dataset_picker") -> str | None:
     """A select box of scanned datasets; remembers the choice across pages."""
     df = datasets.list_datasets()
     names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []

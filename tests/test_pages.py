@@ -1,0 +1,98 @@
+"""Each page, headless through Streamlit's AppTest, against a real store with real data."""
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import datasets, embeddings, jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_page(path: str, **state) -> AppTest:
+    at = AppTest.from_file(str(ROOT / path), default_timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+@pytest.fixture
+def scanned(store, image_folder, fmnist_test):
+    from tests.test_datasets import write_bad_files
+
+    write_bad_files(image_folder, fmnist_test[0][0])
+    name = datasets.register(str(image_folder), "pages")
+    datasets.scan(name, store)
+    return name
+
+
+@pytest.fixture
+def embedded(store, scanned):
+    model, bid = embeddings.ensure_backbone(scanned, "trained:resnet8", epochs=1, store=store)
+    embeddings.embed_dataset(scanned, model, bid, store=store)
+    return scanned, bid
+
+
+def test_datasets_page_empty_offers_the_demo(store):
+    at = run_page("pages/datasets.py")
+    assert not at.exception
+    assert any(b.label == "Load the Fashion-MNIST demo" for b in at.button)
+
+
+def test_datasets_page_demo_button_registers_and_scans(store):
+    at = run_page("pages/datasets.py")
+    at.number_input(key="demo_limit").set_value(50)
+    next(b for b in at.button if b.label == "Load the Fashion-MNIST demo").click()
+    at.run()
+    assert not at.exception
+    rows = jobs.list_jobs(store)
+    assert rows[0]["kind"] == "scan" and rows[0]["dataset"] == "fashion-mnist-50"
+    assert jobs.wait(rows[0]["id"], store)["status"] == "done"
+    assert len(datasets.images_table("fashion-mnist-50", store)) == 100
+
+
+def test_datasets_page_shows_counts_problems_and_images(scanned):
+    at = run_page("pages/datasets.py", dataset=scanned)
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    root = os.geteuid() == 0  # root can read the chmod-0 file, so it is kept
+    assert metrics["Images"] == ("65" if root else "64") and metrics["Skipped files"] == ("4" if root else "5")
+    problems = at.dataframe[1].value
+    assert set(problems.path) >= {"train/class0/empty.png", "train/class0/bomb.png", "train/class0/cmyk.jpg"}
+    assert len(at.get("imgs")) > 0 or len(at.get("image")) > 0
+
+
+def test_datasets_page_bad_path_is_a_clear_error(store):
+    at = run_page("pages/datasets.py")
+    at.text_input(key="source_path").set_value("/no/such/folder").run()
+    next(b for b in at.button if b.label == "Add and scan").click()
+    at.run()
+    assert any("no such file or folder" in e.value for e in at.error)
+
+
+def test_embedding_map_without_and_with_a_map(embedded, store):
+    name, bid = embedded
+    at = run_page("pages/embedding_map.py", dataset=name)
+    assert not at.exception
+    assert any(b.label == "Compute the UMAP map" for b in at.button)
+    embeddings.compute_projection(name, bid, store=store)
+    at = run_page("pages/embedding_map.py", dataset=name)
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_embedding_map_before_any_embedding(scanned):
+    at = run_page("pages/embedding_map.py", dataset=scanned)
+    assert not at.exception
+    assert any("No embeddings yet" in i.value for i in at.info)
+
+
+def test_jobs_page_lists_jobs_with_errors(store, scanned):
+    failed = jobs.launch("embed", scanned, {"backbone": "timm:resnet18"}, store=store)
+    jobs.wait(failed, store)
+    at = run_page("pages/jobs.py")
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table.id) == [failed] and list(table.status) == ["failed"]
+    assert any("BackboneUnavailable" in e.value for e in at.error)
