@@ -1,11 +1,11 @@
 """redex: the Streamlit entry point. A router only; pages lay things out, `core/` computes."""
 import streamlit as st
 
-st.set_page_config(page_title="redex · redundancy explorer", page_icon="🧭", layout="wide")
+st.set_page_config(page_title="redex · redundancy explorer", page_icon=":material/explore:", layout="wide")
 
 PAGES = [
-    st.Page("pages/datasets.py", title="Datasets", icon="🗂️", default=True),
-    st.Page("pages/embedding_map.py", title="Embedding map", icon="🗺️"),
-    st.Page("pages/jobs.py", title="Jobs", icon="⚙️"),
+    st.Page("pages/datasets.py", title="Datasets", icon=":material/folder_open:", default=True),
+    st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+    st.Page("pages/jobs.py", title="Jobs", icon=":material/manufacturing:"),
 ]
 st.navigation(PAGES).run()
