@@ -6,6 +6,7 @@ st.set_page_config(page_title="redex · redundancy explorer", page_icon=":materi
 PAGES = [
     st.Page("pages/datasets.py", title="Datasets", icon=":material/folder_open:", default=True),
     st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+    st.Page("pages/redundant_groups.py", title="Redundant groups", icon=":material/filter_alt:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/manufacturing:"),
 ]
 st.navigation(PAGES).run()

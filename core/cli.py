@@ -70,6 +70,34 @@ def _parser() -> argparse.ArgumentParser:
     _follow_flags(proj)
     proj.set_defaults(func=cmd_project)
 
+    cl = sub.add_parser("cluster", help="class-wise agglomerative merge trees (cached; a job)")
+    cl.add_argument("name")
+    cl.add_argument("--linkage", default="complete", choices=("complete", "average", "single"))
+    cl.add_argument("--backbone-id", help="default: the newest backbone with embeddings")
+    _follow_flags(cl)
+    cl.set_defaults(func=cmd_cluster)
+
+    for cmd, help_ in (("subset", "write the subset table (path,label,split,group,kept) as CSV or Parquet"),
+                       ("export", "write the kept images as an image folder (symlinks, or --copy)")):
+        sp = sub.add_parser(cmd, help=help_)
+        sp.add_argument("name")
+        how = sp.add_mutually_exclusive_group(required=True)
+        how.add_argument("--fraction", type=float, help="keep max(1, round(f * n_c)) groups per class")
+        how.add_argument("--threshold", type=float, help="cut every tree at this cosine distance")
+        sp.add_argument("--linkage", default="complete", choices=("complete", "average", "single"))
+        sp.add_argument("--representative", default="nearest_mean",
+                        choices=("nearest_mean", "random", "farthest_mean"))
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--backbone-id")
+        if cmd == "subset":
+            sp.add_argument("--out", required=True, help="file.csv or file.parquet")
+            sp.add_argument("--which", default="all", choices=("all", "kept", "removed"))
+            sp.set_defaults(func=cmd_subset)
+        else:
+            sp.add_argument("--imagefolder", required=True, help="output folder (must be new or empty)")
+            sp.add_argument("--copy", action="store_true", help="copy files instead of symlinking")
+            sp.set_defaults(func=cmd_export)
+
     jl = sub.add_parser("jobs", help="list jobs")
     jl.add_argument("--all", action="store_true", help="all jobs, not only the last 20")
     jl.set_defaults(func=cmd_jobs)
@@ -149,6 +177,43 @@ def cmd_project(args) -> int:
     job_id = jobs.launch("project", args.name, {"backbone_id": bid})
     print(f"UMAP of {args.name!r} with {bid} (job {job_id})")
     return _run_or_detach(args, job_id)
+
+
+def cmd_cluster(args) -> int:
+    from core import groups
+
+    bid = args.backbone_id or groups.default_backbone(args.name)
+    job_id = jobs.launch("cluster", args.name, {"backbone_id": bid, "linkage": args.linkage})
+    print(f"{args.linkage}-linkage trees of {args.name!r} with {bid} (job {job_id})")
+    return _run_or_detach(args, job_id)
+
+
+def _subset(args):
+    from core import groups
+
+    clustering = groups.load_clustering(args.name, args.backbone_id, args.linkage)
+    s = groups.subset(clustering, fraction=args.fraction, threshold=args.threshold,
+                      representative=args.representative, seed=args.seed)
+    print(groups.per_class_table(s).to_string(index=False))
+    print(f"kept {len(s.representatives):,} of {len(s.group):,} {groups.SUBSET_SPLIT} images "
+          f"({s.kept_fraction:.1%})")
+    return groups.subset_frame(clustering, s)
+
+
+def cmd_subset(args) -> int:
+    from core import groups
+
+    out = groups.export_table(_subset(args), args.out, which=args.which)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from core import groups
+
+    n = groups.export_imagefolder(args.name, _subset(args), args.imagefolder, copy=args.copy)
+    print(f"wrote {n:,} {'files' if args.copy else 'symlinks'} under {args.imagefolder}")
+    return 0
 
 
 def cmd_jobs(args) -> int:

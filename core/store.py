@@ -117,6 +117,21 @@ MIGRATIONS: list[str] = [
         message     VARCHAR NOT NULL
     );
     """,
+    # 2: redundant groups -- one merge tree per (dataset, backbone, linkage, class).
+    """
+    CREATE TABLE trees (
+        dataset     VARCHAR NOT NULL,
+        backbone_id VARCHAR NOT NULL,
+        linkage     VARCHAR NOT NULL,
+        label       VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,          -- of the members' content ids, in order
+        members     VARCHAR[] NOT NULL,        -- image paths, leaf i = members[i]
+        merges      BLOB NOT NULL,             -- float64 [n-1, 4] scipy linkage matrix
+        meta        JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (dataset, backbone_id, linkage, label)
+    );
+    """,
 ]
 
 

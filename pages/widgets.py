@@ -28,15 +28,26 @@ def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else img
 
 
-def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None = None, columns: int = 12) -> None:
-    """Thumbnails of the given pixel-cache rows."""
+def outlined(img: np.ndarray, color=(230, 40, 40), width: int = 4) -> np.ndarray:
+    """An upscaled thumbnail [H, W, 3] with a coloured frame (the kept image of a group)."""
+    img = upscale(img)
+    rgb = np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img.copy()
+    rgb[:width], rgb[-width:], rgb[:, :width], rgb[:, -width:] = color, color, color, color
+    return rgb
+
+
+def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None = None, columns: int = 12,
+               highlight: set | None = None) -> None:
+    """Thumbnails of the given pixel-cache rows; rows in `highlight` get a red frame."""
     if len(rows) == 0:
         st.caption("no images")
         return
     cols = st.columns(columns)
     for i, row in enumerate(rows):
+        img = np.asarray(pixels[row])
         with cols[i % columns]:
-            st.image(upscale(np.asarray(pixels[row])), caption=captions[i] if captions else None)
+            st.image(outlined(img) if highlight and row in highlight else upscale(img),
+                     caption=captions[i] if captions else None)
 
 
 def job_status(job: dict) -> None:

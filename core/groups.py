@@ -1,0 +1,272 @@
+"""Redundant groups of a dataset: cached merge trees per class, subsets, duplicates and exports.
+
+The computation is `core.redundancy` (Birodkar et al. 2019); this module ties it to the store.
+What is clustered is the train split (the set a subset is taken from); other splits stay whole.
+A tree is cached per (dataset, backbone, linkage, class) with a fingerprint of its members'
+content ids, so new embeddings (another backbone, changed files) invalidate exactly the classes
+they touch, and a cluster job killed half-way resumes at the first class without a valid tree.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core import redundancy
+from core.datasets import get_dataset
+from core.embeddings import list_backbones, load_embeddings
+from core.jobs import JobContext, task
+from core.store import Store, get_store, to_json
+
+SUBSET_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """A dataset's train images with their embeddings and one cached tree per class.
+
+    table: the train images (row, path, image_id, label, split), position i = embedding row i.
+    emb: float32 [N, D]. classes: label -> (tree, emb [n_c, D], positions int64 [n_c] into table).
+    """
+    dataset: str
+    backbone_id: str
+    linkage: str
+    table: pd.DataFrame
+    emb: np.ndarray
+    classes: dict
+
+
+def default_backbone(name: str, store: Store | None = None) -> str:
+    backs = list_backbones(name, store)
+    backs = backs[backs.embedded > 0]
+    if backs.empty:
+        raise ValueError(f"no embeddings for {name!r} yet: run `redex embed {name}` first")
+    return str(backs.backbone_id.iloc[0])
+
+
+def _train_embeddings(name: str, bid: str, store: Store) -> tuple[pd.DataFrame, np.ndarray]:
+    table, emb = load_embeddings(name, bid, store)
+    keep = (table.split == SUBSET_SPLIT).to_numpy()
+    if not keep.any():
+        raise ValueError(f"{name!r} has no embedded {SUBSET_SPLIT} images to cluster")
+    return table[keep].reset_index(drop=True), emb[keep]
+
+
+def _fingerprint(image_ids) -> str:
+    return hashlib.blake2b("\n".join(image_ids).encode(), digest_size=12).hexdigest()
+
+
+def _members_by_class(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {label: np.flatnonzero((table.label == label).to_numpy()) for label in sorted(table.label.unique())}
+
+
+def cluster(name: str, bid: str | None = None, linkage: str = "complete", *, store: Store | None = None,
+            ctx: JobContext | None = None) -> dict:
+    """Build (or reuse) the merge tree of every class. Returns counts of built and reused trees."""
+    store = store or get_store()
+    bid = bid or default_backbone(name, store)
+    if linkage not in redundancy.LINKAGES:
+        raise ValueError(f"linkage must be one of {redundancy.LINKAGES}")
+    table, emb = _train_embeddings(name, bid, store)
+    by_class = _members_by_class(table)
+    valid = _valid_fingerprints(store, name, bid, linkage)
+    total = sum(len(m) for m in by_class.values())
+    if ctx:
+        ctx.phase(f"{linkage}-linkage trees of {len(by_class)} classes ({total:,} images)", total=total)
+    built = reused = done = 0
+    for label, pos in by_class.items():
+        fp = _fingerprint(table.image_id.to_numpy()[pos])
+        if valid.get(label) == fp:
+            reused += 1
+        else:
+            tree = redundancy.build_class_tree(emb[pos], linkage)
+            _save_tree(store, name, bid, linkage, label, fp, table.path.to_numpy()[pos], tree)
+            built += 1
+        done += len(pos)
+        if ctx:
+            ctx.progress(done, total, f"class {label}: {len(pos):,} images", force=True)
+    with store.write() as con:  # classes that no longer exist
+        con.execute("DELETE FROM trees WHERE dataset = ? AND backbone_id = ? AND linkage = ?"
+                    " AND NOT list_contains(?, label)", [name, bid, linkage, list(by_class)])
+    return {"backbone_id": bid, "linkage": linkage, "built": built, "reused": reused, "images": total}
+
+
+def _valid_fingerprints(store: Store, name: str, bid: str, linkage: str) -> dict[str, str]:
+    return dict(store.query("SELECT label, fingerprint FROM trees WHERE dataset = ? AND backbone_id = ?"
+                            " AND linkage = ?", [name, bid, linkage]))
+
+
+def _save_tree(store, name, bid, linkage, label, fp, paths, tree: redundancy.ClassTree) -> None:
+    arrays, meta = tree.to_arrays()
+    with store.write() as con:
+        con.execute("INSERT OR REPLACE INTO trees (dataset, backbone_id, linkage, label, fingerprint, members,"
+                    " merges, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [name, bid, linkage, label, fp, list(paths),
+                     np.ascontiguousarray(arrays["linkage"], np.float64).tobytes(), to_json(meta)])
+
+
+@task("cluster")
+def _cluster_task(ctx: JobContext) -> dict:
+    p = ctx.params
+    return cluster(ctx.dataset, p.get("backbone_id"), p.get("linkage", "complete"), store=ctx.store, ctx=ctx)
+
+
+def tree_status(name: str, bid: str, linkage: str = "complete", store: Store | None = None) -> dict:
+    """How many classes have an up-to-date tree: {'classes', 'ready', 'stale'}."""
+    store = store or get_store()
+    table, _ = _train_embeddings(name, bid, store)
+    by_class = _members_by_class(table)
+    valid = _valid_fingerprints(store, name, bid, linkage)
+    ready = sum(valid.get(c) == _fingerprint(table.image_id.to_numpy()[pos]) for c, pos in by_class.items())
+    return {"classes": len(by_class), "ready": ready, "stale": len(by_class) - ready}
+
+
+def load_clustering(name: str, bid: str | None = None, linkage: str = "complete",
+                    store: Store | None = None) -> Clustering:
+    """Everything a cut needs, read once. Raises if a class has no up-to-date tree."""
+    store = store or get_store()
+    bid = bid or default_backbone(name, store)
+    table, emb = _train_embeddings(name, bid, store)
+    rows = {r[0]: r[1:] for r in store.query(
+        "SELECT label, fingerprint, merges, meta FROM trees WHERE dataset = ? AND backbone_id = ? AND linkage = ?",
+        [name, bid, linkage])}
+    classes = {}
+    for label, pos in _members_by_class(table).items():
+        row = rows.get(label)
+        if row is None or row[0] != _fingerprint(table.image_id.to_numpy()[pos]):
+            raise ValueError(f"the {linkage}-linkage tree of class {label!r} is missing or out of date:"
+                             f" run `redex cluster {name} --linkage {linkage}`")
+        merges = np.frombuffer(row[1], np.float64).reshape(-1, 4)
+        tree = redundancy.ClassTree.from_arrays({"linkage": merges}, json.loads(row[2]))
+        classes[label] = (tree, emb[pos], pos)
+    return Clustering(name, bid, linkage, table, emb, classes)
+
+
+# -- subsets -----------------------------------------------------------------------------------
+def subset(c: Clustering, *, fraction: float | None = None, threshold: float | None = None,
+           representative: str = "nearest_mean", seed: int = 0) -> redundancy.Subset:
+    return redundancy.select_subset(c.classes, fraction=fraction, threshold=threshold,
+                                    representative=representative, seed=seed)
+
+
+def subset_frame(c: Clustering, s: redundancy.Subset) -> pd.DataFrame:
+    """One row per train image: path, label, split, group (global id), kept, group_size."""
+    sizes = np.bincount(s.group[s.group >= 0])
+    return pd.DataFrame({"path": c.table.path, "label": c.table.label, "split": c.table.split,
+                         "group": s.group, "kept": s.kept, "group_size": sizes[s.group],
+                         "row": c.table.row})
+
+
+def per_class_table(s: redundancy.Subset) -> pd.DataFrame:
+    df = pd.DataFrame(s.per_class).drop(columns="first_group")
+    return df[["label", "images", "groups", "kept", "removed", "kept_fraction"]]
+
+
+def groups_by_size(frame: pd.DataFrame, label: str | None = None, min_size: int = 2) -> pd.DataFrame:
+    """Groups (id, label, size, kept row) with at least `min_size` members, largest first."""
+    df = frame if label is None else frame[frame.label == label]
+    groups = df.groupby("group").agg(label=("label", "first"), size=("path", "size"))
+    groups = groups[groups["size"] >= min_size].sort_values(["size"], ascending=False, kind="stable")
+    return groups.reset_index()
+
+
+EXPORT_COLUMNS = ["path", "label", "split", "group", "kept"]
+
+
+def export_rows(frame: pd.DataFrame, which: str = "all") -> pd.DataFrame:
+    """The rows to export. which: all | kept | removed."""
+    rows = {"all": frame, "kept": frame[frame.kept], "removed": frame[~frame.kept]}[which]
+    return rows[EXPORT_COLUMNS]
+
+
+def export_bytes(frame: pd.DataFrame, which: str = "all", fmt: str = "csv") -> bytes:
+    """The subset table as CSV or Parquet bytes (for a download button)."""
+    buf = io.BytesIO()
+    rows = export_rows(frame, which)
+    if fmt == "csv":
+        rows.to_csv(buf, index=False)
+    elif fmt == "parquet":
+        rows.to_parquet(buf, index=False)
+    else:
+        raise ValueError(f"format must be csv or parquet, got {fmt!r}")
+    return buf.getvalue()
+
+
+def export_table(frame: pd.DataFrame, out: str | Path, *, which: str = "all") -> Path:
+    """Write the subset table as CSV or Parquet, by the file's extension."""
+    out = Path(out)
+    fmt = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{out}: use a .csv or .parquet file name")
+    out.write_bytes(export_bytes(frame, which, fmt))
+    return out
+
+
+def export_imagefolder(name: str, frame: pd.DataFrame, out_dir: str | Path, *, copy: bool = False,
+                       store: Store | None = None) -> int:
+    """The kept images as `<out>/<split>/<label>/<file>` (symlinks, or copies). Returns the count."""
+    root = Path(get_dataset(name, store)["root"])
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} exists and is not empty")
+    kept = frame[frame.kept]
+    for path, label, split in zip(kept.path, kept.label, kept.split):
+        src = (root / path).resolve()
+        dst = out_dir / split / label / Path(path).name
+        if dst.exists() or dst.is_symlink():  # same file name in two source folders
+            dst = dst.with_name(f"{dst.stem}-{hashlib.blake2b(path.encode(), digest_size=4).hexdigest()}{dst.suffix}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if copy:
+            shutil.copy2(src, dst)
+        else:
+            os.symlink(src, dst)
+    return len(kept)
+
+
+# -- duplicates and label conflicts ------------------------------------------------------------
+def duplicates(name: str, store: Store | None = None) -> pd.DataFrame:
+    """Exact duplicates over all images: identical bytes, or identical decoded pixels."""
+    store = store or get_store()
+    table = store.query_df("SELECT row, path, label, split, image_id, pixel_hash FROM images WHERE dataset = ?"
+                           " ORDER BY row", [name])
+    out = []
+    for kind, key in (("identical bytes", "image_id"), ("identical pixels", "pixel_hash")):
+        for gid, members in enumerate(redundancy.exact_duplicates(list(table[key]))):
+            part = table.iloc[members][["row", "path", "label", "split"]].assign(kind=kind, group=gid)
+            out.append(part)
+    if not out:
+        return pd.DataFrame(columns=["kind", "group", "row", "path", "label", "split"])
+    df = pd.concat(out)
+    # Byte-identical files are also pixel-identical: list a pixel group only if it adds something.
+    byte_sets = {frozenset(g.path) for _, g in df[df.kind == "identical bytes"].groupby("group")}
+    pixel = df[df.kind == "identical pixels"]
+    dup_px = [g for _, g in pixel.groupby("group") if frozenset(g.path) not in byte_sets]
+    df = pd.concat([df[df.kind == "identical bytes"]] + dup_px)
+    return df[["kind", "group", "row", "path", "label", "split"]].reset_index(drop=True)
+
+
+def label_conflicts(name: str, bid: str | None = None, threshold: float = 0.01,
+                    store: Store | None = None) -> pd.DataFrame:
+    """Near-identical images (cosine distance <= threshold) with different labels: likely label errors."""
+    store = store or get_store()
+    bid = bid or default_backbone(name, store)
+    table, emb = load_embeddings(name, bid, store)
+    pairs = redundancy.cross_class_conflicts(emb, table.label.to_numpy(), threshold)
+    a, b = table.iloc[pairs["i"]].reset_index(drop=True), table.iloc[pairs["j"]].reset_index(drop=True)
+    return pd.DataFrame({"distance": pairs["distance"], "path_a": a.path, "label_a": a.label, "row_a": a.row,
+                         "path_b": b.path, "label_b": b.label, "row_b": b.row})
+
+
+def trees_version(name: str, bid: str, linkage: str, store: Store | None = None) -> str:
+    """Changes whenever a tree of (dataset, backbone, linkage) is written: a cache key for the pages."""
+    store = store or get_store()
+    count, newest = store.query("SELECT count(*), max(created_at) FROM trees WHERE dataset = ? AND backbone_id = ?"
+                                " AND linkage = ?", [name, bid, linkage])[0]
+    return f"{count}:{newest}"
