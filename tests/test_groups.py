@@ -1,0 +1,103 @@
+"""Redundant groups through the store, the CLI and the page: trees cached, cut, exported, invalidated."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import datasets, embeddings, groups
+from core.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clustered(store, image_folder):
+    """The 60-image folder plus planted duplicates: a byte copy, a re-encoded (pixel-identical) copy,
+    and the same image filed under another class."""
+    src = next((image_folder / "train" / "class0").iterdir())
+    shutil.copy(src, image_folder / "train" / "class0" / "bytecopy.png")
+    from PIL import Image
+    Image.open(src).save(image_folder / "train" / "class0" / "recoded.bmp")
+    shutil.copy(src, image_folder / "train" / "class1" / "mislabelled.png")
+    name = datasets.register(str(image_folder), "grp")
+    datasets.scan(name, store)
+    model, bid = embeddings.ensure_backbone(name, "trained:resnet8", epochs=2, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    assert cli(["cluster", name]) == 0
+    return name, bid, src.relative_to(image_folder).as_posix()
+
+
+def test_subset_counts_and_export(clustered, tmp_path, capsys):
+    name, bid, _ = clustered
+    c = groups.load_clustering(name, bid)
+    assert sorted(c.classes) == ["class0", "class1", "class2"]
+    s = groups.subset(c, fraction=0.5)
+    for row in s.per_class:
+        assert row["kept"] == max(1, round(0.5 * row["images"]))
+    frame = groups.subset_frame(c, s)
+    assert set(frame.split) == {"train"}  # the test split is not part of the subset
+    assert (frame.groupby("group").kept.sum() == 1).all()  # exactly one kept per group
+    assert cli(["subset", name, "--fraction", "0.5", "--out", str(tmp_path / "s.parquet")]) == 0
+    out = pd.read_parquet(tmp_path / "s.parquet")
+    assert list(out.columns) == ["path", "label", "split", "group", "kept"] and out.kept.sum() == frame.kept.sum()
+    assert cli(["export", name, "--fraction", "0.5", "--imagefolder", str(tmp_path / "tree")]) == 0
+    files = [p for p in (tmp_path / "tree").rglob("*") if p.is_symlink()]
+    assert len(files) == frame.kept.sum() and all(p.resolve().exists() for p in files)
+    assert cli(["export", name, "--fraction", "0.5", "--imagefolder", str(tmp_path / "tree")]) == 1  # not empty
+
+
+def test_threshold_mode_reports_the_fraction(clustered):
+    name, bid, _ = clustered
+    c = groups.load_clustering(name, bid)
+    everything = groups.subset(c, threshold=0.0)
+    nothing = groups.subset(c, threshold=2.0)
+    assert len(nothing.representatives) == len(c.classes)  # one group per class at distance 2
+    assert everything.kept_fraction >= groups.subset(c, threshold=0.2).kept_fraction >= nothing.kept_fraction
+
+
+def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, image_folder, fmnist_test):
+    from tests.conftest import png_bytes
+
+    name, bid, _ = clustered
+    assert groups.cluster(name, bid, store=store) == {"backbone_id": bid, "linkage": "complete", "built": 0,
+                                                     "reused": 3, "images": 48}
+    (image_folder / "train" / "class2" / "new.png").write_bytes(png_bytes(fmnist_test[0][900]))
+    datasets.scan(name, store)
+    model, _ = embeddings.ensure_backbone(name, "trained:resnet8", epochs=2, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    with pytest.raises(ValueError, match="class2.*out of date"):
+        groups.load_clustering(name, bid)
+    result = groups.cluster(name, bid, store=store)
+    assert (result["built"], result["reused"]) == (1, 2)  # only the changed class
+
+
+def test_duplicates_and_label_conflicts(clustered):
+    name, bid, original = clustered
+    dups = groups.duplicates(name)
+    by_kind = {k: set(g.path) for k, g in dups.groupby("kind")}
+    assert by_kind["identical bytes"] == {original, "train/class0/bytecopy.png", "train/class1/mislabelled.png"}
+    assert "train/class0/recoded.bmp" in by_kind["identical pixels"]
+    conflicts = groups.label_conflicts(name, bid, threshold=1e-4)
+    pairs = {frozenset((a, b)) for a, b in zip(conflicts.path_a, conflicts.path_b)}
+    assert frozenset((original, "train/class1/mislabelled.png")) in pairs
+    assert (conflicts.label_a != conflicts.label_b).all()
+
+
+def test_page_slider_changes_the_counts(clustered):
+    name, _, _ = clustered
+    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
+    at.session_state["dataset"] = name
+    at.run()
+    assert not at.exception
+    kept = {m.label: m.value for m in at.metric}["Kept"]
+    at.slider(key="fraction").set_value(0.3).run()
+    assert not at.exception
+    assert int({m.label: m.value for m in at.metric}["Kept"]) < int(kept)
+    per_class = at.dataframe[0].value
+    assert list(per_class.kept) == [max(1, round(0.3 * n)) for n in per_class.images]
+    at.radio(key="cut_mode").set_value("threshold").run()
+    assert not at.exception and at.slider(key="threshold").value == 0.05
