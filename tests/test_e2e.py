@@ -86,3 +86,19 @@ def test_load_demo_and_embed_in_the_browser(server, page, tmp_path, monkeypatch)
     backs = embeddings.list_backbones("fashion-mnist-300")
     store_mod._stores.clear()
     assert list(backs.embedded) == [600]
+
+    # Redundant groups: build the trees, then move the fraction slider and watch the counts follow.
+    page.get_by_role("link", name="Redundant groups").click()
+    page.get_by_role("button", name="Build the merge trees").click()
+    kept = page.locator('[data-testid="stMetric"]').filter(has_text="Kept").first
+    kept.wait_for(timeout=120_000)
+    before = kept.inner_text()
+    assert "270" in before  # sum over classes of round(0.9 * n_c) for the first 300 train images
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(10):
+        slider.press("ArrowLeft")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('240'))",
+        timeout=30_000)
+    page.screenshot(path=str(tmp_path / "groups.png"), full_page=True)
