@@ -1,5 +1,4 @@
 """Datasets: add a dataset, see its classes, problem files and images, and embed it."""
-import numpy as np
 import streamlit as st
 
 from core import datasets, embeddings, jobs

@@ -6,15 +6,7 @@ from core import datasets, embeddings, jobs
 from pages import widgets
 
 st.title("Embedding map")
-name = widgets.dataset_picker()
-if name is None:
-    st.stop()
-backs = embeddings.list_backbones(name)
-backs = backs[backs.embedded > 0]
-if backs.empty:
-    st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
-    st.stop()
-bid = st.selectbox("Backbone", list(backs.backbone_id))
+name, bid, n_embedded = widgets.embedded_dataset_picker("map_backbone")
 
 
 @st.cache_data(max_entries=4, show_spinner="Loading embeddings...")
@@ -23,21 +15,13 @@ def load(name: str, bid: str, embedded: int):
     return embeddings.load_embeddings(name, bid)
 
 
-table, emb = load(name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0]))
+table, emb = load(name, bid, n_embedded)
 proj = embeddings.projection(name, bid, table=table)
 
 
 @st.fragment(run_every="2s")
 def projection_job() -> None:
-    running = [j for j in jobs.list_jobs(dataset=name, limit=20)
-               if j["kind"] == "project" and j["params"].get("backbone_id") == bid]
-    if running and running[0]["status"] in jobs.ACTIVE:
-        widgets.job_status(running[0])
-        st.session_state["map_waiting"] = True
-    elif st.session_state.pop("map_waiting", False):
-        st.rerun(scope="app")
-    elif running and running[0]["status"] == "failed":
-        widgets.job_status(running[0])
+    widgets.watch_job(name, "project", {"backbone_id": bid}, "map_waiting")
 
 
 if proj is None:

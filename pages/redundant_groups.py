@@ -8,16 +8,9 @@ from core.redundancy import LINKAGES, REPRESENTATIVES, group_size_histogram
 from pages import widgets
 
 st.title("Redundant groups")
-name = widgets.dataset_picker()
-if name is None:
-    st.stop()
-backs = embeddings.list_backbones(name)
-backs = backs[backs.embedded > 0]
-if backs.empty:
-    st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
-    st.stop()
 c1, c2 = st.columns(2)
-bid = c1.selectbox("Backbone", list(backs.backbone_id), key="groups_backbone")
+with c1:
+    name, bid, _ = widgets.embedded_dataset_picker("groups_backbone")
 linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage",
                        help="complete (default): every pair inside a group is similar. The paper's linkage is"
                             " not stated; average and single are offered too.")
@@ -25,15 +18,7 @@ linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage",
 
 @st.fragment(run_every="2s")
 def cluster_job() -> None:
-    mine = [j for j in jobs.list_jobs(dataset=name, limit=20) if j["kind"] == "cluster"
-            and j["params"].get("backbone_id") == bid and j["params"].get("linkage") == linkage]
-    if mine and mine[0]["status"] in jobs.ACTIVE:
-        widgets.job_status(mine[0])
-        st.session_state["trees_waiting"] = True
-    elif st.session_state.pop("trees_waiting", False):
-        st.rerun(scope="app")
-    elif mine and mine[0]["status"] == "failed":
-        widgets.job_status(mine[0])
+    widgets.watch_job(name, "cluster", {"backbone_id": bid, "linkage": linkage}, "trees_waiting")
 
 
 status = groups.tree_status(name, bid, linkage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core import datasets, jobs
+from core import datasets, embeddings, jobs
 
 
 def dataset_picker(key: str = "dataset_picker") -> str | None:
@@ -65,3 +65,37 @@ def job_status(job: dict) -> None:
         st.error(label)
     else:
         st.warning(label)
+
+
+def embedded_dataset_picker(backbone_key: str) -> tuple[str, str, int]:
+    """Dataset and backbone pickers for pages that need embeddings; stops the page if there are none.
+
+    Returns (dataset, backbone id, number of embedded images).
+    """
+    name = dataset_picker()
+    if name is None:
+        st.stop()
+    backs = embeddings.list_backbones(name)
+    backs = backs[backs.embedded > 0]
+    if backs.empty:
+        st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
+        st.stop()
+    bid = st.selectbox("Backbone", list(backs.backbone_id), key=backbone_key)
+    return name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0])
+
+
+def watch_job(dataset: str, kind: str, params: dict, waiting_key: str) -> None:
+    """Live status of the newest `kind` job of `dataset` whose params include `params`.
+
+    Call from a `st.fragment(run_every=...)`; when a job this session was waiting for ends, the
+    whole page reruns so it shows the new results.
+    """
+    mine = [j for j in jobs.list_jobs(dataset=dataset, limit=20)
+            if j["kind"] == kind and all(j["params"].get(k) == v for k, v in params.items())]
+    if mine and mine[0]["status"] in jobs.ACTIVE:
+        job_status(mine[0])
+        st.session_state[waiting_key] = True
+    elif st.session_state.pop(waiting_key, False):
+        st.rerun(scope="app")
+    elif mine and mine[0]["status"] == "failed":
+        job_status(mine[0])
