@@ -51,7 +51,8 @@ def list_backbones(dataset: str, store: Store | None = None):
     """Backbones with embeddings for this dataset, newest first, with how many images they cover."""
     store = store or get_store()
     return store.query_df(
-        "SELECT b.backbone_id, b.spec, b.dim, b.metrics, b.created_at, count(e.image_id) AS embedded"
+        "SELECT b.backbone_id, b.spec, b.dim, TRY_CAST(b.metrics->>'test_top1' AS DOUBLE) AS accuracy,"
+        " b.metrics->>'eval_split' AS eval_split, b.metrics, b.created_at, count(e.image_id) AS embedded"
         " FROM backbones b LEFT JOIN embeddings e ON e.backbone_id = b.backbone_id"
         "  AND e.image_id IN (SELECT image_id FROM images WHERE dataset = ?)"
         " WHERE b.dataset = ? OR b.dataset IS NULL GROUP BY ALL ORDER BY b.created_at DESC",
@@ -133,7 +134,7 @@ def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):
         progress=report if ctx else None, should_stop=ctx.should_stop if ctx else None)
     metrics = dict(metrics, eval_split=held_name, classes=classes)
     if ctx:
-        ctx.log(f"backbone trained: eval accuracy {metrics.get('test_acc', metrics.get('top1'))}")
+        ctx.log(f"backbone trained in {metrics['seconds']:.0f} s: {held_name} accuracy {metrics['test_top1']:.4f}")
     return model, metrics
 
 

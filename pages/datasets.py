@@ -99,7 +99,9 @@ widgets.image_grid(datasets.load_pixels(name), shown.row.to_numpy())
 st.subheader("Embeddings")
 backs = embeddings.list_backbones(name)
 if not backs.empty:
-    st.dataframe(backs[["backbone_id", "dim", "embedded", "created_at", "metrics"]], hide_index=True)
+    st.dataframe(backs[["backbone_id", "dim", "embedded", "accuracy", "eval_split", "created_at"]], hide_index=True,
+                 column_config={"accuracy": st.column_config.NumberColumn(format="%.4f",
+                                                                          help="of the trained backbone")})
 with st.form("embed"):
     spec = st.text_input("Backbone", DEFAULT_BACKBONE,
                          help="trained:<arch> trains a classifier on this dataset's train split (the paper's way);"
