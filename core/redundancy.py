@@ -1,0 +1,567 @@
+"""Semantic redundancy (Birodkar et al. 2019): class-wise agglomerative clustering and subset selection.
+
+Pure computation on numpy arrays; the store and the pages call into it.
+
+1. `build_class_tree` clusters one class's embeddings once, with cosine dissimilarity (1 - cos) and
+   complete linkage by default (average and single as options). The result is a full merge tree
+   over all n members (a scipy linkage matrix with monotone distances), so every number of groups
+   k in 1..n and every distance threshold is a cut of it.
+2. `select_subset` cuts every class's tree -- at k_c = max(1, round(f * n_c)) groups for a target
+   fraction f, or at a cosine distance t -- and keeps one representative per group.
+3. `exact_duplicates` groups equal hashes; `cross_class_conflicts` finds near-identical images that
+   carry different labels (likely label errors).
+
+Exact trees need the n(n-1)/2 pairwise distances of a class. scipy's linkage copies them, so the
+peak is about 8 n^2 bytes (n = 20,000: 3.2 GB). Above `exact_limit` members a class is clustered
+approximately with bounded memory: seeded k-means on the unit vectors splits it into parts of at
+most `part_size` members, each part gets its exact tree, and the part roots are then agglomerated
+by the same linkage on distances estimated from up to `PART_SAMPLE` sampled members per part. A
+part-level merge gets height max(estimate, heights of the two subtrees), so the tree stays
+monotone. Peak memory of that path: about 8 part_size^2 bytes (5,000: 0.2 GB) plus a few copies of
+the [n, D] embeddings.
+
+Cuts are O(n) and vectorised: at build time the leaves are put in dendrogram order, in which every
+group of every cut is a contiguous run, and each of the n-1 gaps between neighbours in that order is
+tagged with the merge that joins them. A cut is then "which gaps stay open", a comparison and a
+cumulative sum; representatives are a sparse group-sum and segment reductions over the same runs.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+from scipy import sparse
+from scipy.cluster.hierarchy import leaves_list, linkage as scipy_linkage
+
+LINKAGES = ("complete", "average", "single")
+REPRESENTATIVES = ("nearest_mean", "random", "farthest_mean")
+EXACT_LIMIT = 20_000   # largest class clustered exactly (peak ~8 n^2 bytes: 3.2 GB)
+PART_SIZE = 5_000      # largest part of the approximate path (peak ~0.2 GB per part)
+PART_SAMPLE = 128      # members per part sampled to estimate distances between parts
+BLOCK_BYTES = 64 << 20  # working block of the blocked distance computations
+SCORE_BYTES = 96 << 10  # chunk of the representative scoring: below glibc's 128 KB mmap threshold
+
+Progress = Callable[[int, int], None]
+
+
+# -- the tree ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassTree:
+    """A full merge tree over the n members of one class, ready for O(n) cuts.
+
+    linkage: float64 [n-1, 4], scipy format (child, child, cosine distance, size), rows sorted by
+        distance, ids < n are members (rows of the class's embedding matrix).
+    order: int64 [n], members in dendrogram order; every group of every cut is a contiguous run.
+    gap_merge: int64 [n-1], row of `linkage` whose merge joins order[p] and order[p+1].
+    meta: how it was built (method, exact, n, exact_limit, part_size, seed, n_parts); JSON-able.
+    """
+
+    linkage: np.ndarray = field(repr=False)
+    order: np.ndarray = field(repr=False)
+    gap_merge: np.ndarray = field(repr=False)
+    meta: dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.meta["exact"])
+
+    @classmethod
+    def from_linkage(cls, linkage: np.ndarray, meta: dict[str, Any]) -> ClassTree:
+        """Wrap a monotone, distance-sorted linkage matrix float64 [n-1, 4] (n = meta['n'])."""
+        linkage = np.asarray(linkage, np.float64).reshape(-1, 4)
+        order, gap_merge = _dendrogram_gaps(linkage, int(meta["n"]))
+        return cls(linkage, order, gap_merge, dict(meta))
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Plain data for a database: {'linkage': float64 [n-1, 4]} and the JSON-able `meta`."""
+        return {"linkage": self.linkage}, dict(self.meta)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ClassTree:
+        """Inverse of `to_arrays` (the dendrogram order is recomputed, O(n log n))."""
+        return cls.from_linkage(arrays["linkage"], dict(meta))
+
+
+def _dendrogram_gaps(linkage: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leaf order int64 [n] and, per gap between neighbours in it, the joining merge int64 [n-1].
+
+    `leaves_list` visits the first child before the second, so merge i closes the gap just before
+    the leftmost leaf of its second child; leftmost leaves come from pointer jumping on first children.
+    """
+    if n == 1:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    order = leaves_list(linkage).astype(np.int64)
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    children = linkage[:, :2].astype(np.int64)
+    leftmost = np.concatenate([np.arange(n), children[:, 0]])
+    for _ in range(max(1, math.ceil(math.log2(n))) + 1):
+        leftmost = leftmost[leftmost]
+    gap_merge = np.empty(n - 1, np.int64)
+    gap_merge[position[leftmost[children[:, 1]]] - 1] = np.arange(n - 1)
+    return order, gap_merge
+
+
+# -- building ------------------------------------------------------------------------------------
+def build_class_tree(
+    emb: np.ndarray,
+    linkage: str = "complete",
+    *,
+    exact_limit: int = EXACT_LIMIT,
+    part_size: int = PART_SIZE,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ClassTree:
+    """Agglomerative tree of one class's embeddings `emb` [n, D] under cosine dissimilarity.
+
+    Exact for n <= exact_limit; above it, the bounded-memory approximation of the module docstring
+    (parts of at most `part_size` members). `progress(done, total)` counts finished parts.
+    """
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or len(emb) == 0:
+        raise ValueError(f"expected embeddings [n >= 1, D], got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or infinity")
+    if min(exact_limit, part_size) < 2:
+        raise ValueError("exact_limit and part_size must be >= 2")
+    n = len(emb)
+    unit = unit_rows(emb)
+    meta = {"method": linkage, "n": n, "exact_limit": exact_limit, "part_size": part_size,
+            "seed": seed, "exact": n <= exact_limit, "n_parts": 1}
+    if n <= exact_limit:
+        z = exact_linkage(unit, linkage)
+        if progress is not None:
+            progress(1, 1)
+    else:
+        parts = partition(unit, min(part_size, exact_limit), seed)
+        meta["n_parts"] = len(parts)
+        z = _approximate_linkage(unit, parts, linkage, seed, progress)
+    return ClassTree.from_linkage(z, meta)
+
+
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 [n, D]; all-zero rows stay zero (cosine distance 1 to all)."""
+    emb = np.asarray(emb, np.float32)
+    return emb / np.maximum(_norms(emb), np.finfo(np.float32).tiny)[:, None]
+
+
+def _norms(emb: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row of emb [n, D] -> [n]."""
+    return np.sqrt(np.einsum("ij,ij->i", emb, emb))
+
+
+def exact_linkage(unit: np.ndarray, method: str) -> np.ndarray:
+    """scipy linkage matrix float64 [n-1, 4] of unit rows [n, D] under cosine distance."""
+    if len(unit) == 1:
+        return np.zeros((0, 4))
+    return scipy_linkage(condensed_cosine(unit), method=method)
+
+
+def condensed_cosine(unit: np.ndarray) -> np.ndarray:
+    """Condensed cosine distances float64 [n(n-1)/2] of unit rows [n, D], by blocks of rows (BLAS)."""
+    x = np.asarray(unit, np.float64)
+    xt = np.ascontiguousarray(x.T)  # [D, n]: BLAS is several times faster than on a transposed view
+    n = len(x)
+    out = np.empty(n * (n - 1) // 2)
+    rows = max(1, BLOCK_BYTES // (8 * n))
+    start = 0
+    for lo in range(0, n - 1, rows):
+        hi = min(lo + rows, n - 1)
+        block = x[lo:hi] @ xt[:, lo:]  # [hi-lo, n-lo]
+        np.subtract(1.0, block, out=block)
+        for r in range(hi - lo):
+            row = block[r, r + 1:]
+            out[start:start + len(row)] = row
+            start += len(row)
+    return np.clip(out, 0.0, 2.0, out=out)
+
+
+def partition(unit: np.ndarray, part_size: int, seed: int) -> list[np.ndarray]:
+    """Split rows of `unit` [n, D] into index arrays of at most `part_size`, by seeded k-means.
+
+    Each split aims at parts of half the limit; a part still too large is split again (evenly by
+    index if k-means cannot separate it, e.g. identical points). Sorted by first member.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    todo, parts = [np.arange(len(unit))], []
+    while todo:
+        idx = todo.pop()
+        if len(idx) <= part_size:
+            parts.append(idx)
+            continue
+        k = math.ceil(2 * len(idx) / part_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lab = KMeans(k, n_init=1, max_iter=100, random_state=seed).fit_predict(unit[idx])
+        pieces = np.split(idx[np.argsort(lab, kind="stable")], np.cumsum(np.bincount(lab, minlength=k))[:-1])
+        pieces = [p for p in pieces if len(p)]
+        todo.extend(pieces if len(pieces) > 1 else np.array_split(idx, k))
+    return sorted(parts, key=lambda p: int(p[0]))
+
+
+def _approximate_linkage(unit: np.ndarray, parts: list[np.ndarray], method: str, seed: int,
+                         progress: Progress | None) -> np.ndarray:
+    """Linkage float64 [n-1, 4] over all rows: exact trees inside `parts`, then the parts agglomerated."""
+    n = len(unit)
+    children, heights, sizes, roots, root_heights = _part_trees(unit, parts, method, progress)
+    dist = _part_distances(unit, parts, method, np.random.default_rng(seed))
+    top = _agglomerate(dist, np.array([len(p) for p in parts], np.float64), method)
+    node_ids = np.concatenate([roots, n + len(heights) + np.arange(len(top))])
+    node_heights = np.concatenate([root_heights, np.zeros(len(top))])
+    for t, (a, b, d, _) in enumerate(top):  # never below a subtree: the tree stays monotone
+        node_heights[len(parts) + t] = max(d, node_heights[a], node_heights[b])
+    top_children = node_ids[np.array([(a, b) for a, b, _, _ in top], np.int64).reshape(-1, 2)]
+    return _assemble(n, np.concatenate([children, top_children]),
+                     np.concatenate([heights, node_heights[len(parts):]]),
+                     np.concatenate([sizes, [size for *_, size in top]]))
+
+
+def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress: Progress | None):
+    """Exact trees of the parts as merges over global ids (ids >= n: n + position in the list).
+
+    Returns children int64 [m, 2], heights [m], sizes [m] (m = n - P), and per part its root id
+    int64 [P] and root height [P] (0 for a single member).
+    """
+    n = len(unit)
+    children, heights, sizes = [], [], []
+    roots, root_heights = np.empty(len(parts), np.int64), np.zeros(len(parts))
+    done = 0
+    for p, idx in enumerate(parts):
+        z = exact_linkage(unit[idx], method)
+        ids = np.concatenate([idx, n + done + np.arange(len(z))])  # part-local id -> global id
+        children.append(ids[z[:, :2].astype(np.int64)])
+        heights.append(z[:, 2])
+        sizes.append(z[:, 3])
+        roots[p], root_heights[p] = ids[-1], (z[-1, 2] if len(z) else 0.0)
+        done += len(z)
+        if progress is not None:
+            progress(p + 1, len(parts))
+    return np.concatenate(children), np.concatenate(heights), np.concatenate(sizes), roots, root_heights
+
+
+def _part_distances(unit: np.ndarray, parts: list[np.ndarray], method: str,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Estimated linkage distance float64 [P, P] between parts, from up to PART_SAMPLE members each.
+
+    complete: largest sampled pair distance; single: smallest; average: mean over sampled pairs.
+    """
+    picks = [rng.choice(p, min(PART_SAMPLE, len(p)), replace=False) for p in parts]
+    counts = np.array([len(p) for p in picks])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sample = unit[np.concatenate(picks)]
+    reduce = {"complete": np.maximum, "single": np.minimum, "average": np.add}[method]
+    dist = np.empty((len(parts), len(parts)))
+    for p, (lo, m) in enumerate(zip(starts, counts)):
+        block = 1.0 - sample[lo:lo + m] @ sample.T  # [m, total sampled]
+        dist[p] = reduce.reduceat(reduce.reduce(block, axis=0), starts)
+    if method == "average":
+        dist /= np.outer(counts, counts)
+    return np.clip(dist, 0.0, 2.0)
+
+
+def _agglomerate(dist: np.ndarray, sizes: np.ndarray, method: str) -> list[tuple[int, int, float, float]]:
+    """Lance-Williams agglomeration of P items with distances [P, P] and sizes [P].
+
+    Returns P-1 merges (a, b, distance, size); ids < P are items, P + t is the t-th merge. O(P^3).
+    """
+    d = dist.astype(np.float64, copy=True)
+    np.fill_diagonal(d, np.inf)
+    count = len(d)
+    slot_id = np.arange(count)
+    sizes = sizes.astype(np.float64, copy=True)
+    merges = []
+    for t in range(count - 1):
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        if method == "complete":
+            row = np.maximum(d[a], d[b])
+        elif method == "single":
+            row = np.minimum(d[a], d[b])
+        else:
+            row = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])
+        merges.append((int(slot_id[a]), int(slot_id[b]), float(d[a, b]), float(sizes[a] + sizes[b])))
+        d[a], d[:, a] = row, row
+        d[a, a] = np.inf
+        d[b], d[:, b] = np.inf, np.inf
+        sizes[a] += sizes[b]
+        slot_id[a] = count + t
+    return merges
+
+
+def _assemble(n: int, children: np.ndarray, heights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """scipy linkage float64 [n-1, 4] from merges listed children-first (ids >= n: n + list position).
+
+    Rows are sorted by height (stable, so a parent tied with a child stays after it) and renumbered.
+    """
+    rank = np.argsort(heights, kind="stable")
+    new_row = np.empty_like(rank)
+    new_row[rank] = np.arange(len(rank))
+    kids = children[rank].copy()
+    internal = kids >= n
+    kids[internal] = n + new_row[kids[internal] - n]
+    kids.sort(axis=1)
+    return np.column_stack([kids, heights[rank], sizes[rank]]).astype(np.float64)
+
+
+# -- cuts ------------------------------------------------------------------------------------------
+def groups_for_fraction(n: int, fraction: float) -> int:
+    """k_c = max(1, round(f * n_c)) (Python's round: halves go to the even number)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return max(1, round(fraction * n))
+
+
+def _open_gaps_for_k(tree: ClassTree, k: int) -> np.ndarray:
+    """bool [n-1]: gaps (in dendrogram order) whose merge is undone when the last k-1 merges are."""
+    if not 1 <= k <= tree.n:
+        raise ValueError(f"k must be in 1..{tree.n}, got {k}")
+    return tree.gap_merge >= tree.n - k
+
+
+def _open_gaps_for_threshold(tree: ClassTree, threshold: float) -> np.ndarray:
+    """bool [n-1]: gaps whose merge distance is above `threshold`."""
+    if not threshold >= 0.0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return tree.linkage[tree.gap_merge, 2] > threshold
+
+
+def _labels(tree: ClassTree, open_gaps: np.ndarray) -> np.ndarray:
+    """Group ids int32 [n] (0.., numbered in dendrogram order) from the open gaps bool [n-1]."""
+    in_order = np.concatenate([[0], np.cumsum(open_gaps, dtype=np.int32)])
+    labels = np.empty(tree.n, np.int32)
+    labels[tree.order] = in_order
+    return labels
+
+
+def labels_for_k(tree: ClassTree, k: int) -> np.ndarray:
+    """Group ids int32 [n] in 0..k-1: exactly k groups, the tree with its last k-1 merges undone."""
+    return _labels(tree, _open_gaps_for_k(tree, k))
+
+
+def labels_for_threshold(tree: ClassTree, threshold: float) -> np.ndarray:
+    """Group ids int32 [n]: members joined by merges at cosine distance <= threshold share a group."""
+    return _labels(tree, _open_gaps_for_threshold(tree, threshold))
+
+
+# -- representatives -------------------------------------------------------------------------------
+def representatives(tree: ClassTree, emb: np.ndarray, labels: np.ndarray, rule: str = "nearest_mean",
+                    seed: int | Sequence[int] = 0) -> np.ndarray:
+    """Member index int64 [k] kept for each group g = 0..k-1 of a cut.
+
+    labels: int32 [n] exactly as returned by `labels_for_k` / `labels_for_threshold` (numbered in
+    dendrogram order, so each group is one run of `tree.order`); emb: float [n, D].
+    Rules: nearest_mean / farthest_mean: the member with the highest / lowest cosine similarity to
+    its group's mean embedding; random: uniform, seeded. Ties go to the first member in tree.order.
+    """
+    in_order = np.asarray(labels)[tree.order]
+    steps = np.diff(in_order)
+    if in_order[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise ValueError("labels must come from labels_for_k / labels_for_threshold of this tree")
+    starts = np.flatnonzero(np.concatenate([[True], steps == 1]))
+    if rule == "random":
+        score = np.random.default_rng(seed).random(tree.n)[tree.order]
+    elif rule in ("nearest_mean", "farthest_mean"):
+        score = _mean_alignment(tree, emb, in_order, starts)
+        if rule == "farthest_mean":
+            score = -score
+    else:
+        raise ValueError(f"representative must be one of {REPRESENTATIVES}, got {rule!r}")
+    best = np.maximum.reduceat(score, starts)
+    first_best = np.where(score == best[in_order], np.arange(tree.n), tree.n)
+    return tree.order[np.minimum.reduceat(first_best, starts)]
+
+
+def _mean_alignment(tree: ClassTree, emb: np.ndarray, in_order: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """float32 [n] in dendrogram order: cos(member, its group's mean) times |group sum|, which ranks
+    the members of a group like the cosine does; 0 for single-member groups (nothing to rank).
+
+    in_order: group id int [n] of each position of tree.order; starts: int [k] where each group starts.
+    Works in chunks of SCORE_BYTES: small temporaries are recycled by the allocator, large ones can
+    cost fresh pages (page faults) on every call, which tripled the latency of a cut in our bench.
+    """
+    emb = np.asarray(emb, np.float32)
+    sizes = np.diff(np.append(starts, tree.n))
+    shared = sizes[in_order] > 1
+    score = np.zeros(tree.n, np.float32)
+    if not shared.any():
+        return score
+    members = tree.order[shared]  # grouped: each group with 2+ members is one run
+    multi = sizes[sizes > 1]
+    indptr = np.concatenate([[0], np.cumsum(multi)])
+    sums = sparse.csr_matrix((np.ones(len(members), np.float32), members, indptr), shape=(len(multi), tree.n)) @ emb
+    group = np.repeat(np.arange(len(multi)), multi)
+    aligned = np.empty(len(members), np.float32)
+    rows = max(1, SCORE_BYTES // (4 * emb.shape[1]))
+    for lo in range(0, len(members), rows):
+        x = np.take(emb, members[lo:lo + rows], axis=0)
+        dots = np.einsum("ij,ij->i", x, np.take(sums, group[lo:lo + rows], axis=0))
+        aligned[lo:lo + rows] = dots / np.maximum(_norms(x), np.finfo(np.float32).tiny)
+    score[shared] = aligned
+    return score
+
+
+# -- subsets ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Subset:
+    """The kept subset over N images (N = largest member index + 1).
+
+    group: int32 [N], global group id of each image (-1: in no class); the groups of the i-th class
+        (classes in sorted label order) are per_class[i]['first_group'] + 0..groups-1.
+    representatives: int64 [G], the image kept for each group.
+    per_class: one dict per class: label, images, groups, kept, removed, kept_fraction, first_group.
+    """
+
+    group: np.ndarray = field(repr=False)
+    representatives: np.ndarray = field(repr=False)
+    per_class: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+    @property
+    def kept(self) -> np.ndarray:
+        """bool [N]: True for the images kept."""
+        mask = np.zeros(len(self.group), bool)
+        mask[self.representatives] = True
+        return mask
+
+    @property
+    def kept_indices(self) -> np.ndarray:
+        """int64 [G], sorted."""
+        return np.sort(self.representatives)
+
+    @property
+    def kept_fraction(self) -> float:
+        images = sum(c["images"] for c in self.per_class)
+        return len(self.representatives) / images if images else 0.0
+
+
+ClassInput = tuple[ClassTree, np.ndarray, np.ndarray]  # (tree, emb [n, D], member_index int [n])
+
+
+def select_subset(
+    class_trees: Mapping[Hashable, ClassInput],
+    *,
+    fraction: float | None = None,
+    threshold: float | None = None,
+    representative: str = "nearest_mean",
+    seed: int = 0,
+) -> Subset:
+    """Cut every class's tree and keep one representative per group.
+
+    class_trees: label -> (tree, emb [n_c, D], member_index int [n_c]), member_index giving each
+    member's position among all N images. Exactly one of `fraction` (each class keeps
+    k_c = max(1, round(f * n_c)) groups) or `threshold` (cosine distance) must be given.
+    Deterministic for a fixed seed (the i-th class in sorted label order draws with [seed, i]).
+    """
+    if (fraction is None) == (threshold is None):
+        raise ValueError("give exactly one of fraction or threshold")
+    labels = sorted(class_trees)
+    n_total = 1 + max((int(np.max(class_trees[c][2])) for c in labels), default=-1)
+    group = np.full(n_total, -1, np.int32)
+    reps, per_class, first = [], [], 0
+    for i, label in enumerate(labels):
+        tree, emb, members = class_trees[label]
+        members = np.asarray(members, np.int64)
+        if len(members) != tree.n or len(emb) != tree.n:
+            raise ValueError(f"class {label!r}: tree has {tree.n} members, emb {len(emb)}, index {len(members)}")
+        open_gaps = (_open_gaps_for_k(tree, groups_for_fraction(tree.n, fraction)) if fraction is not None
+                     else _open_gaps_for_threshold(tree, threshold))
+        if np.any(group[members] != -1):
+            raise ValueError(f"class {label!r}: an image belongs to two classes")
+        local = _labels(tree, open_gaps)
+        group[members] = first + local
+        reps.append(members[representatives(tree, emb, local, representative, seed=[seed, i])])
+        k = len(reps[-1])
+        per_class.append({"label": label, "images": tree.n, "groups": k, "kept": k, "removed": tree.n - k,
+                          "kept_fraction": k / tree.n, "first_group": first})
+        first += k
+    settings = {"fraction": fraction, "threshold": threshold, "representative": representative, "seed": seed}
+    return Subset(group, np.concatenate(reps) if reps else np.zeros(0, np.int64), per_class, settings)
+
+
+def group_size_histogram(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group sizes int64 [S] (ascending) and how many groups have each size int64 [S].
+
+    `group`: group id per image, int [N]; negative ids are ignored.
+    """
+    group = np.asarray(group)
+    sizes = np.bincount(group[group >= 0])
+    return np.unique(sizes[sizes > 0], return_counts=True)
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+def exact_duplicates(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Groups (>= 2) of indices whose keys (content or pixel hashes) are equal, by first index."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+CONFLICT_DTYPE = np.dtype([("i", np.int64), ("j", np.int64), ("distance", np.float32)])
+
+
+def cross_class_conflicts(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    threshold: float = 0.01,
+    *,
+    max_pairs: int = 100_000,
+) -> np.ndarray:
+    """Pairs of images with different labels within cosine distance `threshold` (likely label errors).
+
+    emb [N, D], labels [N]. Blocked matrix products over class pairs, each pair computed once;
+    memory: two float32 copies of the embeddings, blocks of BLOCK_BYTES and the pairs found.
+    Returns a structured array (i, j, distance) with i < j, sorted by distance: at most
+    `max_pairs` rows, the closest.
+    """
+    labels = np.asarray(labels)
+    by_label = np.argsort(labels, kind="stable")
+    unit = unit_rows(np.asarray(emb)[by_label])
+    ends = np.flatnonzero(np.concatenate([labels[by_label][1:] != labels[by_label][:-1], [True]])) + 1
+    found = _Closest(max_pairs, threshold)
+    start = 0
+    for end in ends[:-1]:  # rows: one class; columns: every class after it
+        later = np.ascontiguousarray(unit[end:].T)  # [D, M]: BLAS is several times faster than on a view
+        rows = max(1, BLOCK_BYTES // (4 * later.shape[1]))
+        for lo in range(start, end, rows):
+            sim = unit[lo:min(lo + rows, end)] @ later
+            near = sim >= 1.0 - found.threshold
+            hit = np.flatnonzero(near.any(axis=1))  # hits are rare: search only the rows that have one
+            r, c = np.nonzero(near[hit])
+            found.add(by_label[lo + hit[r]], by_label[end + c], 1.0 - sim[hit[r], c])
+        start = end
+    return found.rows()
+
+
+class _Closest:
+    """Accumulates pairs, keeping at most `limit` closest; tightens its threshold once full."""
+
+    def __init__(self, limit: int, threshold: float):
+        self.limit, self.threshold = limit, threshold
+        self.chunks: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, i: np.ndarray, j: np.ndarray, distance: np.ndarray) -> None:
+        chunk = np.empty(len(i), CONFLICT_DTYPE)
+        chunk["i"], chunk["j"], chunk["distance"] = np.minimum(i, j), np.maximum(i, j), np.maximum(distance, 0)
+        self.chunks.append(chunk)
+        self.count += len(chunk)
+        if self.count > 2 * self.limit:
+            self.chunks = [self.rows()]
+            self.count = len(self.chunks[0])
+            self.threshold = float(self.chunks[0]["distance"][-1])
+
+    def rows(self) -> np.ndarray:
+        rows = np.concatenate(self.chunks) if self.chunks else np.empty(0, CONFLICT_DTYPE)
+        return np.sort(rows, order=["distance", "i", "j"])[:self.limit]
