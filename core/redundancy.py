@@ -123,7 +123,8 @@ def build_class_tree(
     """Agglomerative tree of one class's embeddings `emb` [n, D] under cosine dissimilarity.
 
     Exact for n <= exact_limit; above it, the bounded-memory approximation of the module docstring
-    (parts of at most `part_size` members). `progress(done, total)` counts finished parts.
+    (parts of at most min(part_size, exact_limit) members). `progress(done, total)` counts finished
+    parts (one for an exact tree).
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")

@@ -1,0 +1,368 @@
+"""Benchmark of the semantic-redundancy engine (core/redundancy.py) on Fashion-MNIST.
+
+Embeddings: real Fashion-MNIST pixels projected to 64-d by a fixed random projection (seed 0);
+planted near copies are made in pixel space (noise sigma 4/255, 85 % brightness, JPEG q90).
+
+(a) tree build time and peak RSS (above the process's RSS before the step): one class of 6k, one
+    class of 20k, and 60k as 10 classes x 6k (Fashion-MNIST train);
+(b) latency of one slider move on the 60k trees (a new fraction or threshold -> the new subset,
+    representatives included; target < 50 ms; median, p95 and max after one warm-up call), against
+    a naive baseline measured in the same run: scipy fcluster(maxclust) per class + a Python loop
+    choosing each group's representative;
+(c) the approximate path on one class of 200k (60k real + 140k near copies): time, peak RSS,
+    cut latency, near copies grouped with their original;
+(d) agreement of the approximation with the exact tree on a class of 12k (6k real + 6k copies):
+    adjusted Rand index of the cuts at several fractions next to the ARI between two exact trees
+    whose embeddings differ by 0.1 % noise (how stable complete-linkage cuts are anyway), mean
+    cosine distance of removed images to their kept representative, near copies grouped;
+(e) exact duplicates (pixel hashes) and cross-class near duplicates on all 70k images;
+(f) with --compare: imagededup (PHash) from /tmp/benchvenv on the same PNGs as ours.
+
+    .venv/bin/python bench/cluster.py [--quick] [--compare]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.cluster.hierarchy import fcluster
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core import config, idx  # noqa: E402
+from core import redundancy as R  # noqa: E402
+
+CUT_TARGET_MS = 50.0
+BENCH_PYTHON = Path("/tmp/benchvenv/bin/python")
+COMPARE_THRESHOLD = 0.004  # cosine distance on raw pixels that groups the planted copies (see tests)
+PHASH_MAX_DISTANCE = 10    # imagededup's default Hamming distance for PHash
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run of under a minute")
+    parser.add_argument("--compare", action="store_true", help="also time imagededup from /tmp/benchvenv")
+    return parser.parse_args()
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+@contextmanager
+def peak_memory():
+    """Yields a dict that gets 'peak_gb': the peak RSS above the RSS at entry (Linux /proc)."""
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak (VmHWM) to the current RSS
+        f.write("5")
+    start, out = _status_kib("VmRSS"), {}
+    yield out
+    out["peak_gb"] = (_status_kib("VmHWM") - start) / 2**20
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds, peak GB above the start)."""
+    with peak_memory() as mem:
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    return result, seconds, mem["peak_gb"]
+
+
+# -- data -----------------------------------------------------------------------------------------
+def load(quick: bool):
+    """uint8 images [N, 28, 28] and labels [N] of train then test; the train count."""
+    folder = config.fashion_mnist_dir()
+    x_train, y_train = idx.load_fashion_mnist(folder, "train")
+    x_test, y_test = idx.load_fashion_mnist(folder, "test")
+    if quick:
+        x_train, y_train, x_test, y_test = x_train[:6000], y_train[:6000], x_test[:1000], y_test[:1000]
+    return np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]), len(x_train)
+
+
+PROJECTION = np.random.default_rng(0).standard_normal((784, 64)).astype(np.float32) / 28.0
+
+
+def embed(images: np.ndarray) -> np.ndarray:
+    """float32 [N, 64]: pixels in [0, 1] times a fixed random projection, by chunks."""
+    out = np.empty((len(images), 64), np.float32)
+    for lo in range(0, len(images), 20_000):
+        out[lo:lo + 20_000] = images[lo:lo + 20_000].reshape(-1, 784).astype(np.float32) / 255 @ PROJECTION
+    return out
+
+
+def near_copies(images: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [N, 28, 28]: image i gets noise (i % 3 == 0), 85 % brightness (1) or JPEG q90 (2)."""
+    rng = np.random.default_rng(seed)
+    out = np.clip(images + rng.normal(0.0, 4.0, images.shape), 0, 255).astype(np.uint8)
+    out[1::3] = (images[1::3] * 0.85).astype(np.uint8)
+    for i in range(2, len(images), 3):
+        buf = io.BytesIO()
+        Image.fromarray(images[i]).save(buf, format="JPEG", quality=90)
+        out[i] = np.array(Image.open(buf))
+    return out
+
+
+def copies_grouped(labels: np.ndarray, original: np.ndarray) -> float:
+    """Fraction of copies (original >= 0) in the same group as their original; labels [N]."""
+    copies = np.flatnonzero(original >= 0)
+    return float(np.mean(labels[copies] == labels[original[copies]]))
+
+
+# -- (a) builds -----------------------------------------------------------------------------------
+def build_classes(emb: np.ndarray, labels: np.ndarray, **build) -> dict:
+    """label -> (tree, emb [n_c, D], member_index [n_c])."""
+    out = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        out[int(c)] = (R.build_class_tree(emb[members], **build), emb[members], members)
+    return out
+
+
+def bench_builds(emb: np.ndarray, labels: np.ndarray, quick: bool, report: list[str]) -> dict:
+    """Times the 6k / 20k / 60k builds; returns the 60k (10-class) trees."""
+    small, single = (500, 3000) if quick else (6000, 20_000)
+    cases = [(f"1 class x {small:,}", emb[labels == 0][:small], np.zeros(small, int)),
+             (f"1 class x {single:,}", emb[:single], np.zeros(single, int)),
+             (f"10 classes, {len(emb):,} total", emb, labels)]
+    for name, e, lab in cases:
+        trees, seconds, peak = timed(build_classes, e, lab)
+        exact = all(t.exact for t, _, _ in trees.values())
+        report.append(f"build {name:<24} {seconds:7.1f} s   peak +{peak:5.2f} GB   {'exact' if exact else 'approx'}")
+        print(report[-1], flush=True)
+    return trees
+
+
+# -- (b) cuts -------------------------------------------------------------------------------------
+def naive_subset(class_trees: dict, fraction: float) -> np.ndarray:
+    """The baseline: fcluster per class, then a Python loop over groups for nearest-mean representatives."""
+    kept = []
+    for tree, emb, members in class_trees.values():
+        k = R.groups_for_fraction(tree.n, fraction)
+        labels = fcluster(tree.linkage, k, "maxclust") if tree.n > 1 else np.ones(1, int)
+        order = np.argsort(labels, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
+            x = emb[group]
+            mean = x.mean(axis=0)
+            cos = x @ mean / (np.linalg.norm(x, axis=1) * np.linalg.norm(mean))
+            kept.append(members[group[np.argmax(cos)]])
+    return np.sort(np.array(kept))
+
+
+def latencies_ms(fn, values) -> np.ndarray:
+    out = []
+    for v in values:
+        start = time.perf_counter()
+        fn(v)
+        out.append((time.perf_counter() - start) * 1e3)
+    return np.array(out)
+
+
+def bench_cuts(trees: dict, quick: bool, report: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    n = sum(t.n for t, _, _ in trees.values())
+    R.select_subset(trees, fraction=0.5)  # warm-up: first-call costs are not a slider move
+    fractions = rng.permutation(np.linspace(0.01, 0.99, 99))
+    ours = latencies_ms(lambda f: R.select_subset(trees, fraction=f), fractions)
+    by_t = latencies_ms(lambda t: R.select_subset(trees, threshold=t), rng.permutation(np.linspace(0.0, 0.3, 61)))
+    few = fractions[:5 if quick else 15]
+    naive = latencies_ms(lambda f: naive_subset(trees, f), few)
+    differ = [len(np.setdiff1d(naive_subset(trees, f), R.select_subset(trees, fraction=f).kept_indices)) for f in few]
+    kept = sum(len(R.select_subset(trees, fraction=f).representatives) for f in few)
+    arrays = [t.to_arrays() for t, _, _ in trees.values()]
+    _, restore_s, _ = timed(lambda: [R.ClassTree.from_arrays(a, m) for a, m in arrays])
+    report += [
+        f"cut by fraction, {n:,} images, {len(trees)} classes, nearest_mean, {len(ours)} moves: median "
+        f"{np.median(ours):.1f} ms, p95 {np.percentile(ours, 95):.1f} ms, max {np.max(ours):.1f} ms "
+        f"(target < {CUT_TARGET_MS:.0f} ms: {'met' if np.percentile(ours, 95) < CUT_TARGET_MS else 'MISSED'} at p95)",
+        f"cut by threshold, {len(by_t)} moves: median {np.median(by_t):.1f} ms, p95 {np.percentile(by_t, 95):.1f} ms, "
+        f"max {np.max(by_t):.1f} ms",
+        f"naive baseline (fcluster + Python loop), {len(naive)} moves: median {np.median(naive):.0f} ms, "
+        f"max {np.max(naive):.0f} ms -> ours is {np.median(naive) / np.median(ours):.0f}x faster (median); "
+        f"kept images that differ from ours: {sum(differ)} of {kept:,}",
+        f"restore {len(trees)} trees from stored arrays: {restore_s * 1e3:.0f} ms",
+    ]
+    print("\n".join(report[-4:]), flush=True)
+
+
+# -- (c) the large class --------------------------------------------------------------------------
+def bench_large(images: np.ndarray, n_train: int, quick: bool, report: list[str]) -> None:
+    total = 30_000 if quick else 200_000
+    originals = images[:n_train]
+    source = np.arange(total - n_train) % n_train
+    emb = np.concatenate([embed(originals), *(embed(near_copies(originals[source[lo:lo + n_train]], seed=lo))
+                                              for lo in range(0, len(source), n_train))])
+    original = np.concatenate([np.full(n_train, -1), source])
+    build = {"exact_limit": 5000, "part_size": 2000} if quick else {}
+    tree, seconds, peak = timed(R.build_class_tree, emb, **build)
+    k = n_train
+    grouped = copies_grouped(R.labels_for_k(tree, k), original)
+    one_class = {0: (tree, emb, np.arange(total))}
+    R.select_subset(one_class, fraction=0.5)  # warm-up
+    cut = latencies_ms(lambda f: R.select_subset(one_class, fraction=f), np.linspace(0.05, 0.95, 19))
+    report += [
+        f"large class {total:,} ({n_train:,} real + {total - n_train:,} near copies): build {seconds:.1f} s, "
+        f"peak +{peak:.2f} GB, {'exact' if tree.exact else 'approx'}, {tree.meta['n_parts']} parts "
+        f"(exact_limit {tree.meta['exact_limit']:,}, part_size {tree.meta['part_size']:,})",
+        f"large class: cut median {np.median(cut):.1f} ms, max {np.max(cut):.1f} ms; "
+        f"near copies grouped with their original at k = {k:,}: {grouped:.1%}",
+    ]
+    print("\n".join(report[-2:]), flush=True)
+
+
+# -- (d) approximation vs exact -------------------------------------------------------------------
+def removed_distance(tree: R.ClassTree, emb: np.ndarray, k: int) -> float:
+    """Mean cosine distance of the removed images to their group's nearest_mean representative."""
+    labels = R.labels_for_k(tree, k)
+    reps = R.representatives(tree, emb, labels)
+    unit = R.unit_rows(emb)
+    removed = np.setdiff1d(np.arange(tree.n), reps)
+    if len(removed) == 0:
+        return 0.0
+    return float(np.mean(1.0 - np.einsum("ij,ij->i", unit[removed], unit[reps[labels[removed]]])))
+
+
+def bench_agreement(images: np.ndarray, labels: np.ndarray, n_train: int, quick: bool, report: list[str]) -> None:
+    originals = images[:n_train][labels[:n_train] == 0]
+    n_orig = len(originals)
+    emb = np.concatenate([embed(originals), embed(near_copies(originals, seed=1))])
+    original = np.concatenate([np.full(n_orig, -1), np.arange(n_orig)])
+    jitter = np.random.default_rng(2).standard_normal(emb.shape).astype(np.float32)
+    jittered = emb + 1e-3 * jitter * np.linalg.norm(emb, axis=1, keepdims=True) / np.sqrt(emb.shape[1])
+    exact, exact_s, exact_gb = timed(R.build_class_tree, emb)
+    noisy = R.build_class_tree(jittered)
+    part = n_orig // 3 if quick else R.PART_SIZE
+    approx, approx_s, approx_gb = timed(R.build_class_tree, emb, exact_limit=part, part_size=part)
+    n = exact.n
+    report.append(f"agreement on one class of {n:,} ({n_orig:,} real + {n_orig:,} copies): exact {exact_s:.1f} s "
+                  f"+{exact_gb:.2f} GB; approx ({approx.meta['n_parts']} parts of <= {part:,}) {approx_s:.1f} s "
+                  f"+{approx_gb:.2f} GB")
+    report.append("  fraction   ARI(approx,exact)  ARI(exact,exact+0.1% noise)  removed->kept dist exact / approx")
+    for f in (0.1, 0.25, 0.5, 0.75, 0.9):
+        k = R.groups_for_fraction(n, f)
+        a, e, j = (R.labels_for_k(t, k) for t in (approx, exact, noisy))
+        report.append(f"  {f:8.2f}   {adjusted_rand_score(e, a):17.3f}  {adjusted_rand_score(e, j):27.3f}  "
+                      f"{removed_distance(exact, emb, k):.4f} / {removed_distance(approx, emb, k):.4f}")
+    grouped = [copies_grouped(R.labels_for_k(t, n_orig), original) for t in (exact, approx)]
+    report.append(f"  near copies grouped with their original at k = {n_orig:,}: exact {grouped[0]:.1%}, "
+                  f"approx {grouped[1]:.1%}")
+    print("\n".join(report[-8:]), flush=True)
+
+
+# -- (e) duplicates -------------------------------------------------------------------------------
+def bench_duplicates(images: np.ndarray, labels: np.ndarray, report: list[str]) -> None:
+    keys, hash_s, _ = timed(lambda: [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in images])
+    groups, group_s, _ = timed(R.exact_duplicates, keys)
+    mixed = sum(len(set(labels[g].tolist())) > 1 for g in groups)
+    emb = embed(images)
+    rows, seconds, peak = timed(R.cross_class_conflicts, emb, labels)
+    report += [
+        f"exact duplicates (pixel hashes) in {len(images):,}: {len(groups)} groups, {mixed} with mixed labels; "
+        f"hash {hash_s:.2f} s + group {group_s * 1e3:.0f} ms",
+        f"cross-class near duplicates in {len(images):,} x 64-d (cosine <= 0.01): {len(rows):,} pairs in "
+        f"{seconds:.1f} s, peak +{peak:.2f} GB",
+    ]
+    print("\n".join(report[-2:]), flush=True)
+
+
+# -- (f) imagededup -------------------------------------------------------------------------------
+IMAGEDEDUP_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+from imagededup.methods import PHash
+imported = time.perf_counter()
+found = PHash(verbose=False).find_duplicates(image_dir=sys.argv[1], max_distance_threshold=int(sys.argv[2]))
+print(json.dumps({"import_s": imported - start, "run_s": time.perf_counter() - imported, "found": found}))
+"""
+
+
+def write_pngs(images: np.ndarray, folder: Path) -> list[str]:
+    names = [f"{i:05d}.png" for i in range(len(images))]
+    for name, img in zip(names, images):
+        Image.fromarray(img).save(folder / name)
+    return names
+
+
+def ours_from_pngs(folder: Path, names: list[str]) -> dict[str, list[str]]:
+    """Our near-duplicate groups from the PNGs: decode, raw-pixel embedding, one tree, cut at a threshold."""
+    pixels = np.stack([np.array(Image.open(folder / name)) for name in names])
+    emb = pixels.reshape(len(pixels), -1).astype(np.float32) / 255
+    tree = R.build_class_tree(emb)
+    labels = R.labels_for_threshold(tree, COMPARE_THRESHOLD)
+    return {names[i]: [names[j] for j in np.flatnonzero(labels == labels[i]) if j != i] for i in range(len(names))}
+
+
+def pair_recall(found: dict[str, list[str]], pairs: list[tuple[str, str]]) -> float:
+    return float(np.mean([b in found.get(a, ()) or a in found.get(b, ()) for a, b in pairs]))
+
+
+def flagged(found: dict[str, list[str]]) -> int:
+    return sum(1 for dups in found.values() if dups)
+
+
+def bench_compare(images: np.ndarray, quick: bool, report: list[str]) -> None:
+    if not BENCH_PYTHON.exists():
+        report.append(f"compare: {BENCH_PYTHON} not found -> skipped "
+                      "(python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install imagededup)")
+        print(report[-1], flush=True)
+        return
+    n_orig, n_copies = (1000, 200) if quick else (4000, 1000)
+    sample = np.concatenate([images[:n_orig], near_copies(images[:n_copies], seed=3)])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = write_pngs(sample, folder)
+        pairs = [(names[i], names[n_orig + i]) for i in range(n_copies)]
+        ours, ours_s, _ = timed(ours_from_pngs, folder, names)
+        start = time.perf_counter()
+        proc = subprocess.run([str(BENCH_PYTHON), "-c", IMAGEDEDUP_SCRIPT, str(folder), str(PHASH_MAX_DISTANCE)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        report.append(f"compare: imagededup failed ({proc.stderr.strip().splitlines()[-1:]}) -> skipped")
+        print(report[-1], flush=True)
+        return
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    report += [
+        f"compare on {len(sample):,} PNGs ({n_orig:,} real + {n_copies:,} near copies), near-duplicate groups:",
+        f"  ours (decode + raw pixels + one complete-linkage tree + cut at cosine {COMPARE_THRESHOLD}): "
+        f"{ours_s:.1f} s, planted pairs found {pair_recall(ours, pairs):.1%}, images flagged {flagged(ours):,}",
+        f"  imagededup PHash (max Hamming {PHASH_MAX_DISTANCE}): {theirs['run_s']:.1f} s "
+        f"(+{theirs['import_s']:.1f} s import, {wall:.1f} s subprocess wall), planted pairs found "
+        f"{pair_recall(theirs['found'], pairs):.1%}, images flagged {flagged(theirs['found']):,}",
+        f"  -> ours / imagededup time: {ours_s / theirs['run_s']:.2f}",
+    ]
+    print("\n".join(report[-4:]), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    images, labels, n_train = load(args.quick)
+    emb = embed(images)
+    load_avg = os.getloadavg()[0]
+    report = [f"machine: {os.cpu_count()} CPUs, load average at start {load_avg:.1f}"]
+    trees = bench_builds(emb[:n_train], labels[:n_train], args.quick, report)
+    bench_cuts(trees, args.quick, report)
+    bench_large(images, n_train, args.quick, report)
+    bench_agreement(images, labels, n_train, args.quick, report)
+    bench_duplicates(images, labels, report)
+    if args.compare:
+        bench_compare(images, args.quick, report)
+    report.append(f"load average at end {os.getloadavg()[0]:.1f}")
+    print("\n==== summary ====\n" + "\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
