@@ -3,7 +3,8 @@
 DuckDB lets one process write a file at a time, and a read-write connection excludes every other
 process, readers included. The app, the CLI and background jobs all use the file at once, so no
 process keeps a connection open: each unit of work opens one, does it, and closes it, inside a
-cross-process lock on a side file (`<db>.lock`): shared for readers, exclusive for writers.
+cross-process lock on a side file (`<db>.lock`): shared for readers, exclusive for writers, with
+writers served first (`<db>.gate`) so that polling readers cannot starve a job's progress writes.
 Waiters queue on the lock instead of failing with DuckDB's "could not set lock" error, which
 never reaches the user. Units of work are short (a bulk insert of 70,000 embeddings takes well
 under a second), so nobody waits long.
@@ -146,6 +147,7 @@ class Store:
         self.path = Path(path) if path else config.db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.gate_path = self.path.with_name(self.path.name + ".gate")
         self._local = threading.local()
         self._migrate()
 
@@ -192,26 +194,43 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._local.read_only = mode == fcntl.LOCK_SH
+        """Hold the store lock in `mode` (LOCK_SH to read, LOCK_EX to write), writers first.
+
+        A second lock, the gate, keeps writers from starving under a steady stream of readers:
+        a writer holds the gate exclusively while it waits for and holds the store lock, and a
+        reader passes the gate (shared, released at once) before taking its shared store lock.
+        Lock order is always gate, then store, so nobody deadlocks.
+        """
+        writer = mode == fcntl.LOCK_EX
+        gate = os.open(self.gate_path, os.O_RDWR | os.O_CREAT, 0o644)
+        main = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._local.read_only = not writer
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT_S
-            delay = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreLockTimeout(
-                            f"the redex store {self.path} stayed busy for {LOCK_TIMEOUT_S:.0f} s"
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+            self._acquire(gate, fcntl.LOCK_EX if writer else fcntl.LOCK_SH, deadline)
+            try:
+                self._acquire(main, mode, deadline)
+            finally:
+                if not writer:
+                    fcntl.flock(gate, fcntl.LOCK_UN)
             yield
         finally:
             self._local.read_only = False
-            os.close(fd)  # closing the descriptor releases the lock
+            os.close(main)  # closing a descriptor releases its lock
+            os.close(gate)
+
+    def _acquire(self, fd: int, mode: int, deadline: float) -> None:
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreLockTimeout(
+                        f"the redex store {self.path} stayed busy for {LOCK_TIMEOUT_S:.0f} s") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
 
     # -- helpers -----------------------------------------------------------------------------
     def query(self, sql: str, params: list | tuple | None = None) -> list[tuple]:

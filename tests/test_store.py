@@ -68,3 +68,28 @@ def test_app_cli_and_jobs_use_the_store_at_once(store, image_folder):
     counts = dict(store.query("SELECT job_id, count(*) FROM job_events WHERE job_id >= 1000 GROUP BY 1"))
     assert counts == {1000: n, 1001: n, 1002: n, 1003: n, 1099: n}
     assert store.query("SELECT count(*) FROM images WHERE dataset = ?", [name]) == [(60,)]
+
+
+READER = textwrap.dedent("""
+    import sys, time
+    from core.store import Store
+    s = Store(sys.argv[1])
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        s.query("SELECT count(*) FROM job_events")
+""")
+
+
+def test_a_stream_of_readers_does_not_starve_a_writer(store):
+    """Readers polling back to back (pages, CLIs, tests) must not keep a job from writing its progress."""
+    import time
+
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store.path), "8"]) for _ in range(4)]
+    time.sleep(2)  # readers are in full swing
+    for i in range(20):
+        store.execute("INSERT INTO job_events (job_id, level, message) VALUES (7, 'info', ?)", [str(i)])
+    still_reading = sum(p.poll() is None for p in readers)
+    for p in readers:
+        assert p.wait(timeout=60) == 0
+    assert store.query("SELECT count(*) FROM job_events WHERE job_id = 7") == [(20,)]
+    assert still_reading == 4, "the writes had to wait until the readers stopped"
