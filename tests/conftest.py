@@ -19,6 +19,12 @@ def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("REDEX_CACHE", str(path))
     store_mod._stores.clear()
     yield config.cache_dir()
+    if (path / "redex.duckdb").exists():  # no job of a test outlives it, even when the test failed
+        from core import jobs
+        store = store_mod.get_store()
+        for job in jobs.list_jobs(store):
+            if job["status"] in jobs.ACTIVE:
+                jobs.cancel(job["id"], store, wait_s=5)
     store_mod._stores.clear()
 
 

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from core.backbones import DEFAULT_BACKBONE
 from core import datasets, embeddings, jobs
 from core.cli import main as cli
 
@@ -13,7 +14,7 @@ def test_embed_resumes_after_a_kill_and_matches_an_uninterrupted_run(store, monk
     name = datasets.register("fashion-mnist", limit=2500)
     datasets.scan(name, store)
     # Train the backbone once (cached), so the killed job below is killed while embedding.
-    model, bid = embeddings.ensure_backbone(name, "trained:resnet8", epochs=1, store=store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     monkeypatch.setenv("REDEX_EMBED_CHUNK", "250")
     job_id = jobs.launch("embed", name, {"epochs": 1}, store=store)
     deadline = time.monotonic() + 120
@@ -21,7 +22,9 @@ def test_embed_resumes_after_a_kill_and_matches_an_uninterrupted_run(store, monk
         n = store.query("SELECT count(*) FROM embeddings WHERE backbone_id = ?", [bid])[0][0]
         if n > 0:
             break
-        assert time.monotonic() < deadline
+        job = jobs.get_job(job_id, store)
+        assert job["status"] in jobs.ACTIVE, job
+        assert time.monotonic() < deadline, job
         time.sleep(0.02)
     job = jobs.get_job(job_id, store)
     os.killpg(job["pid"], signal.SIGKILL)
@@ -46,7 +49,7 @@ def test_changed_file_invalidates_only_its_own_embedding(store, image_folder, fm
 
     name = datasets.register(str(image_folder), "inv")
     datasets.scan(name, store)
-    model, bid = embeddings.ensure_backbone(name, "trained:resnet8", epochs=1, store=store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     assert embeddings.embed_dataset(name, model, bid, store=store)["embedded"] == 60
     path = datasets.images_table(name, store).path.iloc[0]
     (image_folder / path).write_bytes(png_bytes(255 - fmnist_test[0][0]))
@@ -54,7 +57,7 @@ def test_changed_file_invalidates_only_its_own_embedding(store, image_folder, fm
     again = embeddings.embed_dataset(name, model, bid, store=store)
     assert (again["embedded"], again["reused"]) == (1, 59)
     # The cached backbone is reused, not trained again.
-    _, bid2 = embeddings.ensure_backbone(name, "trained:resnet8", epochs=1, store=store)
+    _, bid2 = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     assert bid2 == bid
 
 

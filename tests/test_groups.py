@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.backbones import DEFAULT_BACKBONE
 from core import datasets, embeddings, groups
 from core.cli import main as cli
 
@@ -25,7 +26,7 @@ def clustered(store, image_folder):
     shutil.copy(src, image_folder / "train" / "class1" / "mislabelled.png")
     name = datasets.register(str(image_folder), "grp")
     datasets.scan(name, store)
-    model, bid = embeddings.ensure_backbone(name, "trained:resnet8", epochs=2, store=store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     assert cli(["cluster", name]) == 0
     return name, bid, src.relative_to(image_folder).as_posix()
@@ -67,7 +68,7 @@ def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, im
                                                      "reused": 3, "images": 48}
     (image_folder / "train" / "class2" / "new.png").write_bytes(png_bytes(fmnist_test[0][900]))
     datasets.scan(name, store)
-    model, _ = embeddings.ensure_backbone(name, "trained:resnet8", epochs=2, store=store)
+    model, _ = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     with pytest.raises(ValueError, match="class2.*out of date"):
         groups.load_clustering(name, bid)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.backbones import DEFAULT_BACKBONE
 from core import datasets, embeddings, jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def scanned(store, image_folder, fmnist_test):
 
 @pytest.fixture
 def embedded(store, scanned):
-    model, bid = embeddings.ensure_backbone(scanned, "trained:resnet8", epochs=1, store=store)
+    model, bid = embeddings.ensure_backbone(scanned, DEFAULT_BACKBONE, epochs=1, store=store)
     embeddings.embed_dataset(scanned, model, bid, store=store)
     return scanned, bid
 
