@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     emb = sub.add_parser("embed", help="embed every image (training the backbone first if needed)")
     emb.add_argument("name")
-    emb.add_argument("--backbone", help="spec, e.g. trained:resnet8 (default) or timm:resnet18")
+    emb.add_argument("--backbone", help="spec: trained:resnet8s2 (default; also resnet8, resnet14, resnet20, resnet14s2) or timm:NAME")
     emb.add_argument("--epochs", type=int, help="trained backbones: epochs (default: the recipe's)")
     emb.add_argument("--checkpoint", help="timm backbones: local weights file")
     emb.add_argument("--retrain", action="store_true", help="train the backbone again even if cached")

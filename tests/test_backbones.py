@@ -38,7 +38,8 @@ def quick_recipe(**overrides) -> training.Recipe:
 
 
 def embed_all(model, images, batch_size=128) -> np.ndarray:
-    return np.concatenate([f for _, _, f in backbones.embed_batches(model, images, batch_size=batch_size, device="cpu")])
+    batches = backbones.embed_batches(model, images, batch_size=batch_size, device="cpu")
+    return np.concatenate([feats for _, _, feats in batches])
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,12 @@ def test_embedding_shape_dtype_and_resume_offsets(trained, fmnist):
     resumed = list(backbones.embed_batches(model, images, batch_size=128, device="cpu", start=256))
     assert [(lo, hi) for lo, hi, _ in resumed] == [(256, 300)]
     np.testing.assert_array_equal(resumed[0][2], feats[256:])
+
+
+def test_embedding_does_not_leak_no_grad_into_the_caller(trained, fmnist):
+    batches = backbones.embed_batches(trained[0], fmnist[0][:300], batch_size=128, device="cpu")
+    next(batches)  # suspended between two batches
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def test_embedding_is_deterministic(trained, fmnist):
@@ -129,7 +136,7 @@ def test_three_channel_generated_images_train_and_embed():
     images = rng.integers(0, 60, (128, 32, 32, 3), dtype=np.uint8)
     images[labels == 1, :, :, 0] += 150  # class 1: red
     model, metrics = backbones.train_backbone(
-        SPEC, images, labels, 2, recipe=quick_recipe(epochs=4, batch_size=32), eval_images=images,
+        SPEC, images, labels, 2, recipe=quick_recipe(epochs=4, augmentation="flip_crop"), eval_images=images,
         eval_labels=labels, device="cpu",
     )
     assert model.build_args.in_chans == 3 and model.mean.shape == (1, 3, 1, 1)
