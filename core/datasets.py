@@ -62,11 +62,7 @@ def register(source: str, name: str | None = None, *, image_size: int | None = N
     """
     store = store or get_store()
     if source == FASHION_MNIST:
-        folder = config.fashion_mnist_dir()
-        if not (folder / "train-images-idx3-ubyte.gz").exists() and not (folder / "train-images-idx3-ubyte").exists():
-            raise DatasetError(
-                f"Fashion-MNIST not found in {folder}. Install Debian's package 'dataset-fashion-mnist' "
-                "(apt-get install dataset-fashion-mnist) or set REDEX_DATA to the folder holding its IDX files.")
+        fashion_mnist_folder()  # fail now, with the reason, if the data can't be had
         name = name or (FASHION_MNIST if not limit else f"{FASHION_MNIST}-{limit}")
         kind, root = FASHION_MNIST, str(config.cache_dir() / "datasets" / name)
         image_size = 28
@@ -94,6 +90,31 @@ def register(source: str, name: str | None = None, *, image_size: int | None = N
             con.execute("INSERT INTO datasets (name, kind, source, root, options) VALUES (?, ?, ?, ?, ?)",
                         [name, kind, source, root, to_json(options)])
     return name
+
+
+def _has_idx(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"))
+
+
+def fashion_mnist_folder() -> Path:
+    """Folder with the Fashion-MNIST IDX files: REDEX_DATA or Debian's package, else torchvision's
+    download (when online) into the cache."""
+    folder = config.fashion_mnist_dir()
+    downloaded = config.cache_dir() / "downloads" / "FashionMNIST" / "raw"
+    for candidate in (folder, downloaded):
+        if _has_idx(candidate):
+            return candidate
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(str(config.cache_dir() / "downloads"), train=train, download=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no data, say how to get it
+        raise DatasetError(
+            f"Fashion-MNIST not found in {folder}, and torchvision could not download it ({exc}). "
+            "Install Debian's package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) "
+            "or set REDEX_DATA to the folder holding its IDX files.") from None
+    return downloaded
 
 
 def _check_name(name: str) -> None:
@@ -169,7 +190,7 @@ def materialize_fashion_mnist(ds: dict, progress: Callable[[int, int], None] | N
     if done_marker.exists():
         return
     for split in ("train", "test"):
-        images, labels = load_fashion_mnist(config.fashion_mnist_dir(), split)
+        images, labels = load_fashion_mnist(fashion_mnist_folder(), split)
         n = min(len(images), limit) if limit else len(images)
         for cls in FASHION_MNIST_CLASSES:
             (root / split / cls).mkdir(parents=True, exist_ok=True)

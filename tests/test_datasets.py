@@ -151,3 +151,16 @@ def test_fashion_mnist_demo_keeps_its_split(store, fmnist_test):
     row = test_rows[test_rows.path.str.endswith("/00007.png")].iloc[0]
     assert np.array_equal(pixels[row.row, :, :, 0], fmnist_test[0][7])
     assert row.label == datasets.FASHION_MNIST_CLASSES[fmnist_test[1][7]]
+
+
+def test_fashion_mnist_missing_everywhere_is_a_clear_error(store, tmp_path, monkeypatch):
+    """No IDX files and no way to download them: the message says how to get the data."""
+    monkeypatch.setenv("REDEX_DATA", str(tmp_path / "nowhere"))
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):  # this machine is offline by design; make that instant
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(datasets.DatasetError, match="dataset-fashion-mnist.*REDEX_DATA"):
+        datasets.register("fashion-mnist")
