@@ -1,9 +1,7 @@
 """Redundant groups through the store, the CLI and the page: trees cached, cut, exported, invalidated."""
-import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
