@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import PatchEmbed
 
@@ -33,17 +32,27 @@ from core.training import Progress, ShouldStop, as_nhwc, pixels_view
 
 CHECKPOINT_FORMAT = "redex-ltrp-ranker/1"
 PAPER_MASK_RATIO = 0.9  # the paper's ratio: 19 of 196 patches visible (ViT-B/16 at 224 px)
-# Default for small patch grids (<= 64 patches, 28-32 px images). 0.9 would leave 4 of 49 patches
-# visible: lists of 4 items carry little ranking signal and the MAE (trained at 0.75) reconstructs
-# poorly from them. TODO: measured evidence in the docstring of `default_mask_ratio`.
+# Default for grids of at most 64 patches (28-64 px images); see `default_mask_ratio` for the evidence.
 SMALL_GRID_MASK_RATIO = 0.75
-HEADS = ("token", "global")
+HEADS = ("global", "token")
 # Decoder elements (sequences x tokens x width) per batched decoder call in `pseudo_scores`.
 MAX_DECODER_ELEMENTS = 2 ** 25
 
 
 def default_mask_ratio(num_patches: int) -> float:
-    """The paper's 0.9 for grids of more than 64 patches, `SMALL_GRID_MASK_RATIO` otherwise."""
+    """The paper's 0.9 for grids of more than 64 patches, `SMALL_GRID_MASK_RATIO` (0.75) otherwise.
+
+    Why not 0.9 on small grids: with 49 patches (28 px images, 4 px patches) 0.9 leaves 4 visible
+    patches, so each pseudo-label is a 4-item list, and the MAE (trained at 0.75) is asked to
+    reconstruct far outside its training regime (default MAE on Fashion-MNIST: masked MSE 0.24 at
+    0.75, 0.48 at 0.9). Measured on Fashion-MNIST with the default MAE and rankers trained for 100
+    steps of 128 images (a ViT trained and tested on only the top 25 % of patches, 2 seeds):
+    test accuracy 76.1 % at 0.9, 76.7 % at 0.75, 77.0 % at 0.5 (random patches 66.7 %); the
+    ranking at 0.9 was the worst on every other measure too (MAE reconstruction from the top 25 %,
+    accuracy of a classifier trained on random patches). At equal compute (0.9 is 2.6x cheaper per
+    step) 0.9 reached 76.4 %: the gap is small, but no measurement favoured 0.9. 0.5 costs twice
+    0.75's decoder passes (25 vs 13 per image) for +0.3 points. 0.75 is also the MAE's own ratio.
+    """
     return PAPER_MASK_RATIO if num_patches > 64 else SMALL_GRID_MASK_RATIO
 
 
@@ -154,8 +163,11 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 class RankerConfig:
     """A small ViT that scores patch positions (saved in its checkpoint).
 
-    `head`: 'token' scores each patch token with a shared linear layer; 'global' maps the cls token
-    to L scores, one per position, as the official code's ViT with `num_classes = L`.
+    `head`: 'global' maps the cls token to L scores, one per patch position, as the official code
+    (its score ViT has `num_classes = L`); 'token' scores each patch token with a shared linear
+    layer. Measured on Fashion-MNIST (mask ratio 0.75, 100 steps): 'token' agrees better with the
+    pseudo-scores (Spearman 0.81 vs 0.66 on held-out masks), 'global' selects slightly better
+    patches (a ViT trained on the top 25 %: 77.2 % vs 76.7 % test accuracy, 2 seeds).
     """
 
     img_size: int = 28
@@ -165,7 +177,7 @@ class RankerConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    head: str = "token"
+    head: str = "global"
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -261,7 +273,9 @@ def train_ranker(
     pseudo-scores, and fits the ranker's scores of the visible patches (it sees only those) with
     ListMLE. AdamW (0.9, 0.95), weight decay 0.06, 10 % warm-up then cosine decay. Metrics include
     the agreement (Spearman, Kendall) between ranker scores and pseudo-scores on held-out masks of
-    `eval_images` (default: the first 512 training images), before and after training.
+    `eval_images` (default: the first 512 training images), before and after training. The MAE is
+    moved to `device` and frozen. Fashion-MNIST, default configs: 20k images (one epoch) take 92 s on
+    2 idle CPU cores; Spearman on held-out masks goes from -0.53 (untrained) to 0.83.
     """
     images = as_nhwc(images)
     device = torch.device(device) if device is not None else pick_device()

@@ -221,16 +221,16 @@ def test_ranker_training_is_deterministic_and_improves_agreement(trained_mae, fm
     images = fmnist_test[0][:768]
     held_out = fmnist_test[0][5000:5256]
     config = ltrp.RankerConfig.for_mae(trained_mae, **TINY_RANKER)
-    kwargs = dict(epochs=1, batch_size=64, lr=2e-3, mask_ratio=0.75, seed=1, eval_images=held_out, device="cpu")
+    kwargs = dict(epochs=2, batch_size=64, lr=2e-3, mask_ratio=0.75, seed=1, eval_images=held_out, device="cpu")
     ranker, metrics = ltrp.train_ranker(trained_mae, images, config, **kwargs)
 
     before, after = metrics["agreement_before"]["spearman"], metrics["agreement"]["spearman"]
-    assert after > before + 0.3, metrics  # measured: about 0.0 -> 0.7 after these 12 steps
+    assert after > before + 0.3, metrics  # measured over 3 seeds: +0.43 to +0.61 after these 24 steps
     assert metrics["agreement"]["kendall"] > metrics["agreement_before"]["kendall"]
 
     maps = ltrp.score_maps(ranker, fmnist_test[0][:20], batch_size=8)
     assert maps.shape == (20, 49) and maps.dtype == np.float32
-    short = {**kwargs, "eval_images": held_out[:8]}
+    short = {**kwargs, "epochs": 1, "eval_images": held_out[:8]}
     again, _ = ltrp.train_ranker(trained_mae, images[:128], config, **short)
     again_twice, _ = ltrp.train_ranker(trained_mae, images[:128], config, **short)
     np.testing.assert_array_equal(ltrp.score_maps(again, fmnist_test[0][:20]),
