@@ -7,6 +7,8 @@ PAGES = [
     st.Page("pages/datasets.py", title="Datasets", icon=":material/folder_open:", default=True),
     st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
     st.Page("pages/redundant_groups.py", title="Redundant groups", icon=":material/filter_alt:"),
+    st.Page("pages/training.py", title="Training", icon=":material/model_training:"),
+    st.Page("pages/patch_heatmaps.py", title="Patch heatmaps", icon=":material/grid_on:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/manufacturing:"),
 ]
 st.navigation(PAGES).run()

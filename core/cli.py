@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--copy", action="store_true", help="copy files instead of symlinking")
             sp.set_defaults(func=cmd_export)
 
+    _training_parsers(sub)
+    _ltrp_parsers(sub)
+
     jl = sub.add_parser("jobs", help="list jobs")
     jl.add_argument("--all", action="store_true", help="all jobs, not only the last 20")
     jl.set_defaults(func=cmd_jobs)
@@ -233,6 +236,16 @@ def cmd_cancel(args) -> int:
         return 0
     job = jobs.get_job(args.job_id)
     raise CliError(f"job {args.job_id} " + ("does not exist" if job is None else f"is already {job['status']}"))
+
+
+# -- subset training: train, sweep, results ---------------------------------------------------
+def _training_parsers(sub) -> None:
+    pass
+
+
+# -- LTRP patch ranking: ltrp train, ltrp score, ltrp show --------------------------------------
+def _ltrp_parsers(sub) -> None:
+    pass
 
 
 # -- following a job ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from core.store import Store, get_store, to_json
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 # Modules whose import registers task kinds.
-TASK_MODULES = ("core.datasets", "core.embeddings", "core.groups")
+TASK_MODULES = ("core.datasets", "core.embeddings", "core.groups", "core.subsets", "core.patches")
 
 
 class JobCancelled(Exception):

@@ -133,6 +133,54 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (dataset, backbone_id, linkage, label)
     );
     """,
+    # 3: LTRP -- trained MAEs and rankers, and one score map per (ranker, image content id).
+    """
+    CREATE TABLE ltrp_models (
+        model_id    VARCHAR PRIMARY KEY,       -- cache key (kind, dataset, config, recipe, parent)
+        dataset     VARCHAR,
+        kind        VARCHAR NOT NULL,          -- mae | ranker
+        parent      VARCHAR,                   -- a ranker's MAE model_id
+        checkpoint  VARCHAR NOT NULL,
+        config      JSON,
+        metrics     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE patch_scores (
+        ranker_id   VARCHAR NOT NULL,
+        image_id    VARCHAR NOT NULL,
+        scores      FLOAT[] NOT NULL,          -- one score per patch, row-major
+        PRIMARY KEY (ranker_id, image_id)
+    );
+    """,
+    # 4: subset training -- sweeps and their runs (one row per distinct run: recipe x subset x seed).
+    """
+    CREATE SEQUENCE sweep_ids START 1;
+    CREATE TABLE sweeps (
+        id          INTEGER PRIMARY KEY DEFAULT nextval('sweep_ids'),
+        dataset     VARCHAR NOT NULL,
+        spec        JSON NOT NULL,             -- fractions, methods, seeds, recipe, subset settings
+        job_id      INTEGER,                   -- the scheduler job
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE train_runs (
+        run_key     VARCHAR PRIMARY KEY,       -- hash of everything that decides the result
+        dataset     VARCHAR NOT NULL,
+        sweep_id    INTEGER,                   -- the sweep that last asked for it
+        method      VARCHAR NOT NULL,          -- full | semantic | random
+        fraction    DOUBLE NOT NULL,
+        seed        INTEGER NOT NULL,
+        selection   JSON NOT NULL,             -- backbone, linkage, representative of the subset
+        recipe      JSON NOT NULL,
+        subset_fp   VARCHAR NOT NULL,          -- fingerprint of the training images' content ids
+        n_train     INTEGER NOT NULL,
+        status      VARCHAR NOT NULL,          -- pending | running | done | failed | cancelled
+        job_id      INTEGER,
+        metrics     JSON,
+        error       VARCHAR,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    );
+    """,
 ]
 
 

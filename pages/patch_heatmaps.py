@@ -1,0 +1,4 @@
+"""Patch heatmaps (LTRP). Being built."""
+import streamlit as st
+
+st.title("Patch heatmaps")
