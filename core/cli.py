@@ -245,7 +245,81 @@ def _training_parsers(sub) -> None:
 
 # -- LTRP patch ranking: ltrp train, ltrp score, ltrp show --------------------------------------
 def _ltrp_parsers(sub) -> None:
-    pass
+    lt = sub.add_parser("ltrp", help="LTRP patch ranking: train, score every image, draw heatmaps")
+    cmds = lt.add_subparsers(title="ltrp commands")
+    tr = cmds.add_parser("train", help="train the MAE (or load --checkpoint) and the patch ranker, then score"
+                         " every image (cached; a job)")
+    tr.add_argument("name")
+    tr.add_argument("--checkpoint", help="pretrained MAE with its decoder (official models_mae layout, e.g."
+                    " mae_visualize_vit_base.pth) instead of training one on the dataset")
+    tr.add_argument("--mae-epochs", type=int, help="MAE training epochs (default 2)")
+    tr.add_argument("--ranker-epochs", type=int, help="ranker training epochs (default 1)")
+    tr.add_argument("--mask-ratio", type=float, help="pseudo-score mask ratio (default 0.75 on grids of at most"
+                    " 64 patches, else the paper's 0.9)")
+    tr.add_argument("--retrain", action="store_true", help="train again even if cached (drops its scores)")
+    tr.add_argument("--no-score", action="store_true", help="train only; `redex ltrp score` scores later")
+    _follow_flags(tr)
+    tr.set_defaults(func=cmd_ltrp_train)
+    sc = cmds.add_parser("score", help="score the patches of every image not scored yet (resumable; a job)")
+    sc.add_argument("name")
+    sc.add_argument("--ranker-id", help="default: the dataset's newest ranker")
+    _follow_flags(sc)
+    sc.set_defaults(func=cmd_ltrp_score)
+    sh = cmds.add_parser("show", help="write original | heatmap | kept patches | reconstruction as a PNG")
+    sh.add_argument("name")
+    sh.add_argument("image", help="content id (or a unique prefix), path relative to the dataset root,"
+                    " or an image file")
+    sh.add_argument("--keep", type=float, default=0.5, help="keep ratio, 0 < r <= 1 (default 0.5)")
+    sh.add_argument("--out", default="heatmap.png", help="PNG file to write (default heatmap.png)")
+    sh.add_argument("--ranker-id", help="default: the dataset's newest ranker")
+    sh.set_defaults(func=cmd_ltrp_show)
+
+
+def cmd_ltrp_train(args) -> int:
+    from pathlib import Path
+
+    from core import patches
+
+    datasets.load_pixels(args.name)  # fail fast if it was never scanned
+    params = {"checkpoint": args.checkpoint, "mae_epochs": args.mae_epochs, "ranker_epochs": args.ranker_epochs,
+              "mask_ratio": args.mask_ratio, "retrain": args.retrain or None, "score": False if args.no_score else None}
+    params = {k: v for k, v in params.items() if v is not None}
+    patches.LtrpSettings.from_params(params)  # bad values fail here, before a job starts
+    if args.checkpoint:
+        patches.load_mae_checkpoint(args.checkpoint)  # an unusable file fails here, with the reason
+        params["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
+    job_id = jobs.launch("ltrp", args.name, params)
+    print(f"LTRP for {args.name!r}: MAE, ranker{'' if args.no_score else ', score maps'} (job {job_id})")
+    return _run_or_detach(args, job_id, after=lambda: _print_ranker(args.name))
+
+
+def _print_ranker(name: str) -> None:
+    from core import patches
+
+    r = patches.list_rankers(name).iloc[0]
+    print(f"ranker {r.model_id}: {r.scored:,} images scored")
+
+
+def cmd_ltrp_score(args) -> int:
+    from core import patches
+
+    rid = args.ranker_id or patches.require_ranker(args.name)
+    job_id = jobs.launch("ltrp_score", args.name, {"ranker_id": rid})
+    print(f"scoring {args.name!r} with {rid} (job {job_id})")
+    return _run_or_detach(args, job_id)
+
+
+def cmd_ltrp_show(args) -> int:
+    from core import patches
+
+    rid = args.ranker_id or patches.require_ranker(args.name)
+    image = patches.resolve_image(args.name, args.image)
+    scores, stored = patches.image_scores(args.name, rid, image)
+    view = patches.patch_view(patches.load_mae_model(rid), image.pixels, scores, args.keep)
+    out = patches.panels_png(view, args.out)
+    print(f"{image.path} ({image.label or 'not in the dataset'}, score map {'stored' if stored else 'computed now'}):"
+          f" kept {len(view.keep)} of {view.scores.size} patches; wrote {out}")
+    return 0
 
 
 # -- following a job ---------------------------------------------------------------------------

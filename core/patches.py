@@ -262,7 +262,8 @@ def score_dataset(name: str, rid: str | None = None, *, store: Store | None = No
     total = len(set(ids))
     reused = total - len(todo)
     if ctx:
-        ctx.phase(f"score every image's patches with {rid}", total=total)
+        ctx.phase("score every image's patches", total=total)
+        ctx.log(f"ranker {rid}")
         ctx.resume_from(reused)
         if reused:
             ctx.log(f"resuming: {reused:,} of {total:,} images already scored")
@@ -409,8 +410,7 @@ def resolve_image(name: str, ref: str, store: Store | None = None) -> ImageRef:
         except ValueError:
             pass
     if not hit.empty:
-        r = hit.iloc[0]
-        return ImageRef(np.asarray(load_pixels(name, store)[int(r.row)]), r.image_id, r.path, r.label, int(r.row))
+        return images_at(name, [int(hit.row.iloc[0])], store)[0]
     if file.is_file():
         try:
             decoded = decode(file.read_bytes(), ds["image_size"], ds["channels"])
@@ -473,16 +473,26 @@ def patch_view(mae, pixels: np.ndarray, scores: np.ndarray, keep_ratio: float) -
     return PatchView(original, scores, grid, patch, keep, kept.astype(np.uint8), pasted[0])
 
 
-def image_scores(name: str, rid: str, image: ImageRef, ranker=None, store: Store | None = None) -> np.ndarray:
-    """The stored score map of `image`, or (not stored yet, or a file outside the dataset) the
-    ranker's, computed now and not stored. float32 [L]."""
+def images_at(name: str, rows, store: Store | None = None) -> list[ImageRef]:
+    """The dataset's images at these pixel-cache rows, in that order."""
+    store = store or get_store()
+    table = images_table(name, store).set_index("row")
+    pixels = load_pixels(name, store)
+    return [ImageRef(np.asarray(pixels[int(r)]), table.image_id[r], table.path[r], table.label[r], int(r))
+            for r in rows]
+
+
+def image_scores(name: str, rid: str, image: ImageRef, ranker=None,
+                 store: Store | None = None) -> tuple[np.ndarray, bool]:
+    """`(scores float32 [L], stored)`: the stored score map of `image`, or (not stored yet, or a file
+    outside the dataset) the ranker's, computed now and not stored."""
     from core import ltrp
 
     _, maps = load_scores(name, rid, image_ids=[image.image_id], store=store)
     if len(maps):
-        return maps[0]
+        return maps[0], True
     ranker = ranker if ranker is not None else load_ranker_model(rid, store)
-    return ltrp.score_maps(ranker, image.pixels[None])[0]
+    return ltrp.score_maps(ranker, image.pixels[None])[0], False
 
 
 # -- drawing -----------------------------------------------------------------------------------

@@ -1,4 +1,162 @@
-"""Patch heatmaps (LTRP). Being built."""
+"""Patch heatmaps (LTRP): which patches of an image carry its information, and what a keep ratio leaves."""
+import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
+from core import datasets, jobs, patches
+from pages import widgets
+
 st.title("Patch heatmaps")
+name = widgets.dataset_picker()
+if name is None:
+    st.stop()
+
+
+@st.fragment(run_every="2s")
+def ltrp_jobs() -> None:
+    widgets.watch_job(name, "ltrp", {}, "ltrp_waiting")
+    widgets.watch_job(name, "ltrp_score", {}, "ltrp_score_waiting")
+
+
+rankers = patches.list_rankers(name)
+if rankers.empty:
+    st.info("No patch ranker for this dataset yet. Training one takes a few minutes on a CPU: an MAE learns to"
+            " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
+            " patches the MAE's reconstruction depends on most (LTRP, Luo et al. 2024), and every image is"
+            f" scored. Command line: `redex ltrp train {name}` (`--checkpoint` takes a pretrained MAE).")
+    if st.button("Train the patch ranker", type="primary"):
+        jobs.launch("ltrp", name, {})
+        st.session_state["ltrp_waiting"] = True
+        st.rerun()
+    ltrp_jobs()
+    st.stop()
+
+rid = st.selectbox("Ranker", list(rankers.model_id), key="ltrp_ranker",
+                   help="Newest first. The id names the MAE it learned from, after '<'.")
+ranker_row = rankers[rankers.model_id == rid].iloc[0]
+table = datasets.images_table(name)
+unscored = table.image_id.nunique() - int(ranker_row.scored)
+if unscored:
+    st.write(f"{unscored:,} images have no stored score map yet (they are scored on the fly here).")
+    if st.button("Score them"):
+        jobs.launch("ltrp_score", name, {"ranker_id": rid})
+        st.session_state["ltrp_score_waiting"] = True
+        st.rerun()
+ltrp_jobs()
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the ranker and its MAE...")
+def models(rid: str):
+    return patches.load_ranker_model(rid), patches.load_mae_model(rid)
+
+
+ranker, mae = models(rid)
+pixels = datasets.load_pixels(name)
+grid, patch = mae.cfg.grid, mae.cfg.patch_size
+
+group = st.session_state.get("heatmap_group")
+group = group if group and group.get("dataset") == name else None
+views = ["One image", "Class grid"] + (["Redundant group"] if group else [])
+if group and st.session_state.pop("heatmap_group_new", False):
+    st.session_state["heat_mode"] = "Redundant group"
+c1, c2 = st.columns([2, 3])
+mode = c1.radio("View", views, horizontal=True, key="heat_mode")
+keep_ratio = c2.slider("Keep ratio", 0.05, 1.0, 0.5, 0.05, key="keep_ratio",
+                       help="The share of patches kept: the round(ratio × patches) highest-scoring ones.")
+
+
+def heat_figure(view: patches.PatchView) -> go.Figure:
+    """The image with its score map on top; kept patches framed."""
+    centres = (np.arange(grid) + 0.5) * patch - 0.5
+    rgb = view.original.repeat(3, axis=2) if view.original.shape[2] == 1 else view.original
+    fig = go.Figure(go.Image(z=rgb, hoverinfo="skip"))
+    fig.add_trace(go.Heatmap(z=view.heat, x=centres, y=centres, colorscale="Viridis", opacity=0.55,
+                             customdata=np.arange(grid * grid).reshape(grid, grid),
+                             hovertemplate="patch %{customdata}<br>score %{z:.3f}<extra></extra>",
+                             colorbar={"title": "score", "thickness": 12}))
+    for p in view.keep:
+        r, c = divmod(int(p), grid)
+        fig.add_shape(type="rect", x0=c * patch - 0.5, x1=(c + 1) * patch - 0.5, y0=r * patch - 0.5,
+                      y1=(r + 1) * patch - 0.5, line={"color": "#e62828", "width": 1.5})
+    fig.update_layout(height=360, margin={"l": 0, "r": 0, "t": 0, "b": 0})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def thumbnails(images: list[np.ndarray], captions: list[str], columns: int = 8) -> None:
+    cols = st.columns(columns)
+    for i, (img, caption) in enumerate(zip(images, captions)):
+        cols[i % columns].image(widgets.upscale(img), caption=caption)
+
+
+def pick_one() -> patches.ImageRef:
+    """The image of the 'One image' view: by class, by content id or path, at random, or from a group."""
+    how = st.radio("Pick by", ["class", "content id or path", "random"] + (["redundant group"] if group else []),
+                   horizontal=True, key="pick_by")
+    if how == "class":
+        a, b = st.columns(2)
+        label = a.selectbox("Class", sorted(table.label.unique()), key="heat_class")
+        rows = table.row[table.label == label].to_numpy()
+        row = rows[b.number_input(f"Image (1 to {len(rows):,})", 1, len(rows), 1, key="heat_index") - 1]
+    elif how == "content id or path":
+        ref = st.text_input("Content id or path", key="heat_ref",
+                            placeholder="a content id (or its first characters), or a path such as"
+                                        f" {table.path.iloc[0]}")
+        if not ref:
+            st.stop()
+        try:
+            return patches.resolve_image(name, ref)
+        except datasets.DatasetError as exc:
+            st.error(str(exc))
+            st.stop()
+    elif how == "random":
+        if st.button("Another random image"):
+            st.session_state["heat_seed"] = st.session_state.get("heat_seed", 0) + 1
+        row = table.row.iloc[int(np.random.default_rng(st.session_state.get("heat_seed", 0)).integers(len(table)))]
+    else:
+        paths = dict(zip(table.row, table.path))
+        row = st.selectbox("Image of the group", group["rows"], format_func=paths.get, key="heat_group_pick")
+    return patches.images_at(name, [row])[0]
+
+
+if mode == "One image":
+    image = pick_one()
+    scores, stored = patches.image_scores(name, rid, image, ranker)
+    view = patches.patch_view(mae, image.pixels, scores, keep_ratio)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Kept patches", f"{len(view.keep)} / {view.scores.size}")
+    m2.metric("Class", image.label or "—")
+    m3.metric("Score map", "stored" if stored else "computed now")
+    st.caption(f"{image.path} · content id `{image.image_id}`")
+    left, right = st.columns([3, 4])
+    with left:
+        st.plotly_chart(heat_figure(view), key="heatmap")
+    with right:
+        a, b, c = st.columns(3)
+        a.image(widgets.upscale(view.original, 168), caption="original")
+        b.image(widgets.upscale(view.kept, 168), caption="kept patches")
+        c.image(widgets.upscale(view.reconstruction, 168), caption="MAE reconstruction from the kept patches")
+    st.caption("Brighter = more informative: removing that patch changes the MAE's reconstruction of the"
+               " hidden patches most. Red frames: the patches kept at this ratio. The reconstruction shows the"
+               " kept patches as they are and the MAE's prediction everywhere else.")
+elif mode == "Class grid":
+    a, b = st.columns(2)
+    label = a.selectbox("Class", sorted(table.label.unique()), key="grid_class")
+    count = b.slider("Images", 4, 64, 24, 4, key="grid_count")
+    shown, maps = patches.load_scores(name, rid, label=label)
+    st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {label}: each image under"
+               f" its score map; below, the patches kept at {keep_ratio:.2f}.")
+    shown, maps = shown.head(count), maps[:count]
+    originals = patches.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
+    thumbnails([patches.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
+else:
+    st.subheader(group.get("title", "Redundant group"))
+    st.caption("The group's images side by side (from the Redundant groups page): score maps, then the patches"
+               f" kept at {keep_ratio:.2f}.")
+    refs = patches.images_at(name, group["rows"])
+    group_views = [patches.patch_view(mae, r.pixels, patches.image_scores(name, rid, r, ranker)[0], keep_ratio)
+                   for r in refs]
+    captions = [r.path.rsplit("/", 1)[-1] for r in refs]
+    thumbnails([patches.heat_overlay(v.original, v.scores, grid) for v in group_views], captions)
+    thumbnails([v.kept for v in group_views], captions)

@@ -77,6 +77,12 @@ with tab_groups:
         members = frame[frame.group == g.group]
         st.markdown(f"**Group {g.group}** · {g.label} · {g.size} images")
         widgets.image_grid(pixels, members.row.to_numpy()[:36], highlight=kept_rows)
+        if st.button("Patch heatmaps", key=f"heat-{g.group}", help="Open these images side by side on the"
+                     " Patch heatmaps page (the first 12)"):
+            st.session_state.update(heatmap_group={"dataset": name, "title": f"Group {g.group} · {g.label}",
+                                                   "rows": [int(r) for r in members.row[:12]]},
+                                    heatmap_group_new=True)
+            st.switch_page("pages/patch_heatmaps.py")
 
 with tab_charts:
     sizes, counts = group_size_histogram(s.group)
