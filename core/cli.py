@@ -240,7 +240,120 @@ def cmd_cancel(args) -> int:
 
 # -- subset training: train, sweep, results ---------------------------------------------------
 def _training_parsers(sub) -> None:
-    pass
+    from core import subsets
+
+    def recipe_flags(sp) -> None:
+        sp.add_argument("--seeds", type=int, default=subsets.DEFAULT_SEEDS, help="runs per setting (seeds 0..N-1)")
+        sp.add_argument("--epochs", type=int, help="default: the recipe's (10 for 28-32 px images)")
+        sp.add_argument("--arch", help="classifier architecture (default resnet8s2)")
+        sp.add_argument("--batch-size", type=int)
+        sp.add_argument("--lr", type=float, help="peak learning rate")
+        sp.add_argument("--optimizer", choices=("sgd", "adamw"))
+        sp.add_argument("--augmentation", choices=("none", "flip_crop"))
+        sp.add_argument("--budget", choices=subsets.BUDGET_RULES, default="epochs",
+                        help="epochs: same epochs as the full run; steps: same optimisation steps")
+        sp.add_argument("--backbone-id", help="semantic subset: default the newest backbone with embeddings")
+        sp.add_argument("--linkage", default="complete", choices=("complete", "average", "single"))
+        sp.add_argument("--representative", default="nearest_mean",
+                        choices=("nearest_mean", "random", "farthest_mean"))
+        sp.add_argument("--force", action="store_true", help="train identical finished runs again")
+        _follow_flags(sp)
+
+    tr = sub.add_parser("train", help="train on one subset (semantic, random or full), several seeds")
+    tr.add_argument("name")
+    tr.add_argument("--fraction", type=float, required=True)
+    tr.add_argument("--method", default="semantic", choices=subsets.METHODS)
+    recipe_flags(tr)
+    tr.set_defaults(func=cmd_train)
+    sw = sub.add_parser("sweep", help="fractions x methods x seeds, one training job at a time")
+    sw.add_argument("name")
+    sw.add_argument("--fractions", default=",".join(f"{f:g}" for f in subsets.DEFAULT_FRACTIONS))
+    sw.add_argument("--methods", default=",".join(subsets.METHODS))
+    recipe_flags(sw)
+    sw.set_defaults(func=cmd_sweep)
+    rs = sub.add_parser("results", help="test accuracy by method and fraction (mean ± std over seeds)")
+    rs.add_argument("name")
+    rs.add_argument("--runs", action="store_true", help="every run, not the summary")
+    rs.add_argument("--csv", action="store_true", help="CSV on standard output")
+    rs.set_defaults(func=cmd_results)
+    rt = sub.add_parser("retry", help="train the failed and cancelled runs again")
+    rt.add_argument("name")
+    _follow_flags(rt)
+    rt.set_defaults(func=cmd_retry)
+
+
+def _sweep_spec(args, fractions, methods):
+    from core import subsets
+
+    recipe = {k: v for k, v in {"epochs": args.epochs, "arch": args.arch, "batch_size": args.batch_size,
+                                "lr": args.lr, "optimizer": args.optimizer,
+                                "augmentation": args.augmentation}.items() if v is not None}
+    selection = {"linkage": args.linkage, "representative": args.representative}
+    if args.backbone_id:
+        selection["backbone_id"] = args.backbone_id
+    return subsets.SweepSpec(fractions=tuple(fractions), methods=tuple(methods), seeds=args.seeds, recipe=recipe,
+                             budget=args.budget, selection=selection, force=args.force)
+
+
+def _launch_sweep(args, spec) -> int:
+    from core import subsets
+
+    est = subsets.estimate(args.name, spec)
+    sweep_id, job_id = subsets.launch_sweep(args.name, spec)
+    print(f"sweep {sweep_id} (job {job_id}): {est['runs']} runs, about {jobs.format_seconds(est['seconds'])}"
+          f" ({est['speed_source']}); identical finished runs are reused")
+    return _run_or_detach(args, job_id, after=lambda: _print_results(args.name))
+
+
+def cmd_train(args) -> int:
+    return _launch_sweep(args, _sweep_spec(args, [args.fraction], [args.method]))
+
+
+def cmd_sweep(args) -> int:
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise CliError(f"--fractions must be numbers separated by commas, got {args.fractions!r}") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return _launch_sweep(args, _sweep_spec(args, fractions, methods))
+
+
+def _print_results(name: str, csv: bool = False, every_run: bool = False) -> None:
+    from core import subsets
+
+    df = subsets.runs(name)
+    if every_run:
+        table = df[["method", "fraction", "seed", "n_train", "status", "test_top1", "test_loss", "seconds",
+                    "device", "recipe_tag", "backbone_id", "error", "run_key"]]
+    else:
+        table = subsets.summary(df)
+        if not csv:
+            table = table.assign(top1=[subsets.format_pm(m, s, n) for m, s, n in
+                                       zip(table.top1_mean, table.top1_std, table.seeds)])
+            table = table[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
+    if csv:
+        sys.stdout.write(table.to_csv(index=False))
+    elif table.empty:
+        print(f"no finished training runs for {name!r} yet: `redex sweep {name}`")
+    else:
+        print(table.to_string(index=False))
+
+
+def cmd_results(args) -> int:
+    datasets.get_dataset(args.name)
+    _print_results(args.name, csv=args.csv, every_run=args.runs)
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from core import subsets
+
+    started = subsets.retry(args.name)
+    if started is None:
+        print(f"no failed or cancelled runs for {args.name!r}")
+        return 0
+    print(f"sweep {started[0]} (job {started[1]}) trains the failed and cancelled runs again")
+    return _run_or_detach(args, started[1], after=lambda: _print_results(args.name))
 
 
 # -- LTRP patch ranking: ltrp train, ltrp score, ltrp show --------------------------------------

@@ -3,7 +3,7 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from core import datasets, embeddings, groups, jobs
+from core import datasets, embeddings, groups, jobs, subsets
 from core.redundancy import LINKAGES, REPRESENTATIVES, group_size_histogram
 from pages import widgets
 
@@ -58,6 +58,11 @@ m1, m2, m3 = st.columns(3)
 m1.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {groups.SUBSET_SPLIT} images")
 m2.metric("Removed as redundant", f"{n_all - n_kept:,}")
 m3.metric("Kept fraction", f"{n_kept / n_all:.1%}")
+if mode == "fraction":
+    evidence = subsets.evidence(name, fraction, bid)
+    st.caption(f"**Evidence:** {evidence}" if evidence else
+               f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset against"
+               " random subsets and the full set.")
 st.dataframe(groups.per_class_table(s), hide_index=True, key="per_class",
              column_config={"kept_fraction": st.column_config.NumberColumn(format="%.3f")})
 

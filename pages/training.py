@@ -1,4 +1,184 @@
-"""Training: semantic vs random vs full subsets. Being built."""
+"""Training: semantic vs random vs full subsets, launched from here, with the paper's Figure 2."""
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
+from core import datasets, embeddings, jobs, subsets
+from core.backbones import list_archs
+from core.redundancy import LINKAGES, REPRESENTATIVES
+from core.training import AUGMENTATIONS, OPTIMIZERS, default_recipe
+from pages import widgets
+
 st.title("Training")
+st.caption("Does the subset train a model as good as the full set? Every run trains a classifier from scratch and"
+           " is evaluated on the test split (else val). Random subsets keep the same per-class counts.")
+name = widgets.dataset_picker()
+if name is None:
+    st.stop()
+ds = datasets.get_dataset(name)
+all_runs = subsets.runs(name)
+
+with st.expander("New sweep", expanded=all_runs.empty):
+    c1, c2, c3 = st.columns([3, 2, 1])
+    fractions = c1.multiselect("Fractions", [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+                               default=list(subsets.DEFAULT_FRACTIONS), key="sweep_fractions",
+                               help="1.0 is the full train split (one run per seed, whatever the methods).")
+    methods = c2.multiselect("Methods", subsets.METHODS, default=list(subsets.METHODS), key="sweep_methods",
+                             help="semantic: one representative per redundant group (the Redundant groups page);"
+                                  " random: the same number of images per class, drawn at random.")
+    seeds = c3.number_input("Seeds", 1, 20, subsets.DEFAULT_SEEDS, key="sweep_seeds")
+    base = default_recipe(ds["image_size"])
+    st.markdown("**Recipe** (saved with every run)")
+    r1, r2, r3, r4 = st.columns(4)
+    arch = r1.selectbox("Architecture", list_archs(), index=list_archs().index(base.arch), key="sweep_arch")
+    epochs = r2.number_input("Epochs", 1, 500, base.epochs, key="sweep_epochs")
+    batch = r3.number_input("Batch size", 8, 4096, base.batch_size, key="sweep_batch")
+    lr = r4.number_input("Peak learning rate", 1e-5, 10.0, base.lr, format="%.4f", key="sweep_lr")
+    r5, r6, r7 = st.columns(3)
+    optimizer = r5.selectbox("Optimiser", OPTIMIZERS, index=OPTIMIZERS.index(base.optimizer), key="sweep_opt")
+    augmentation = r6.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
+                                key="sweep_aug")
+    budget = r7.radio("Budget", subsets.BUDGET_RULES, horizontal=True, key="sweep_budget",
+                      help="epochs: every run trains the same number of epochs (smaller subsets take fewer steps);"
+                           " steps: every run takes as many optimisation steps as the full run.")
+    selection = None
+    if "semantic" in methods and any(f < 1.0 for f in fractions):
+        st.markdown("**Semantic subset**")
+        backs = embeddings.list_backbones(name)
+        backs = backs[backs.embedded > 0]
+        if backs.empty:
+            st.warning("The semantic subset needs embeddings: start an embedding job on the **Datasets** page.")
+        else:
+            s1, s2, s3 = st.columns(3)
+            bid = s1.selectbox("Backbone", list(backs.backbone_id), key="sweep_backbone")
+            linkage = s2.selectbox("Linkage", LINKAGES, key="sweep_linkage",
+                                   index=LINKAGES.index(st.session_state.get("groups_linkage", "complete")))
+            rep = s3.selectbox("Representative", REPRESENTATIVES, key="sweep_rep",
+                               index=REPRESENTATIVES.index(st.session_state.get("representative", "nearest_mean")))
+            selection = {"backbone_id": bid, "linkage": linkage, "representative": rep}
+    force = st.checkbox("Train identical runs again", key="sweep_force",
+                        help="By default a run with the same recipe, seed and images as a finished one is reused.")
+    recipe = {"arch": arch, "epochs": int(epochs), "batch_size": int(batch), "lr": float(lr),
+              "optimizer": optimizer, "augmentation": augmentation}
+    try:
+        spec = subsets.SweepSpec(fractions=tuple(sorted(fractions, reverse=True)), methods=tuple(methods),
+                                 seeds=int(seeds), recipe=recipe, budget=budget, selection=selection, force=force)
+        est = subsets.estimate(name, spec)
+        st.info(f"{est['runs']} runs, {est['images']:,} training images to process: about "
+                f"**{jobs.format_seconds(est['seconds'])}** at {est['images_per_s']:,.0f} images/s"
+                f" ({est['speed_source']}), {est['parallel']} run(s) at once (REDEX_MAX_JOBS)."
+                " Identical finished runs are reused and take no time.")
+        if st.button("Launch sweep", type="primary", key="launch_sweep"):
+            sweep_id, job_id = subsets.launch_sweep(name, spec)
+            st.toast(f"sweep {sweep_id} started (job {job_id})")
+            st.rerun()
+    except (subsets.SubsetTrainingError, ValueError) as exc:
+        st.error(str(exc))
+
+
+@st.fragment(run_every="2s")
+def live() -> None:
+    df = subsets.runs(name)
+    for sweep in subsets.active_sweeps(name):
+        c1, c2 = st.columns([5, 1])
+        info = jobs.describe(sweep)
+        c1.progress(info["fraction"] or 0.0, text=f"sweep {sweep['sweep_id']} · {info['text']}")
+        if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep['sweep_id']}"):
+            subsets.cancel_sweep(sweep["sweep_id"])
+            st.rerun(scope="app")
+    running = df[df.status == "running"]
+    for r in running.itertuples():
+        job = jobs.get_job(int(r.job_id)) if pd.notna(r.job_id) else None
+        if job is None:
+            continue
+        c1, c2 = st.columns([5, 1])
+        info = jobs.describe(job)
+        c1.progress(info["fraction"] or 0.0, text=f"{r.method} {r.fraction:g} seed {r.seed} · {info['text']}")
+        if c2.button("Cancel run", key=f"cancel-run-{r.run_key}"):
+            jobs.cancel(int(r.job_id))
+            st.rerun(scope="app")
+    if df.empty:
+        st.caption("No training runs yet.")
+    else:
+        shown = df.assign(progress=np.where(df.total > 0, df.done / df.total.where(df.total > 0), np.nan),
+                          test_top1=df.test_top1 * 100)
+        st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
+                            "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True, key="runs_table",
+                     column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0,
+                                                                                max_value=1.0),
+                                    "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
+                                    "seconds": st.column_config.NumberColumn(format="%.0f")})
+        if (df.status.isin(["failed", "cancelled"])).any() and st.button("Retry failed runs", key="retry"):
+            subsets.retry(name)
+            st.rerun(scope="app")
+    finished = int((df.status == "done").sum())
+    if st.session_state.setdefault("runs_finished", finished) != finished:
+        st.session_state["runs_finished"] = finished
+        st.rerun(scope="app")  # new results: redraw the plot
+
+
+st.subheader("Runs")
+live()
+
+done = all_runs[all_runs.status == "done"]
+if done.empty:
+    st.stop()
+st.subheader("Test accuracy vs subset size")
+tags = list(dict.fromkeys(done.recipe_tag))
+described = {t: json.loads(done[done.recipe_tag == t].recipe.iloc[0]) for t in tags}
+
+
+def describe_recipe(tag: str) -> str:
+    r = described[tag]
+    budget = f"{r['steps']} steps" if r.get("budget") == "steps" else f"{r['epochs']} epochs"
+    return f"{r['arch']}, {budget}, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g}, {r['augmentation']}"
+
+
+tag = st.selectbox("Recipe", tags, format_func=describe_recipe, key="results_recipe") if len(tags) > 1 else tags[0]
+table = subsets.summary(all_runs, tag)
+fig = go.Figure()
+full = table[table.method == "full"]
+if not full.empty:
+    f = full.iloc[0]
+    fig.add_hrect(y0=100 * (f.top1_mean - f.top1_std), y1=100 * (f.top1_mean + f.top1_std), line_width=0,
+                  fillcolor="gray", opacity=0.15)
+    fig.add_hline(y=100 * f.top1_mean, line_dash="dash", line_color="gray",
+                  annotation_text=f"full set {subsets.format_pm(f.top1_mean, f.top1_std, f.seeds)}")
+for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
+    rows = table[table.method == method].sort_values("n_train")
+    if not full.empty:
+        rows = pd.concat([rows, full])  # both curves end at the full set
+    if rows.empty or (rows.method == method).sum() == 0:
+        continue
+    fig.add_trace(go.Scatter(
+        x=rows.n_train, y=100 * rows.top1_mean, error_y={"type": "data", "array": 100 * rows.top1_std},
+        mode="lines+markers", name=method, line={"color": color},
+        text=[f"fraction {fr:g}, {s} seed(s)" for fr, s in zip(rows.fraction, rows.seeds)],
+        hovertemplate="%{x:,.0f} images: %{y:.2f} %<br>%{text}<extra>" + method + "</extra>"))
+fig.update_layout(xaxis_title="training images (subset size)", yaxis_title="test top-1 accuracy (%)",
+                  legend_title="subset", height=460)
+st.plotly_chart(fig, key="accuracy_plot")
+st.dataframe(table.assign(top1=[subsets.format_pm(m, s, n) for m, s, n in
+                                zip(table.top1_mean, table.top1_std, table.seeds)])
+             [["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
+             hide_index=True, key="summary_table")
+
+st.subheader("Per-class accuracy against the full set")
+choices = done[(done.recipe_tag == tag) & (done.method != "full")]
+if choices.empty:
+    st.caption("Train a subset to compare it class by class with the full set.")
+else:
+    key = st.selectbox("Run", list(choices.run_key), key="delta_run",
+                       format_func=lambda k: (lambda r: f"{r.method} {r.fraction:g} seed {r.seed} · "
+                                              f"{100 * r.test_top1:.2f} %")(choices[choices.run_key == k].iloc[0]))
+    deltas = subsets.per_class_deltas(name, key)
+    if "delta" in deltas:
+        fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
+                     color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})
+        fig.update_layout(showlegend=False, height=360)
+        st.plotly_chart(fig, key="delta_plot")
+    st.dataframe(deltas, hide_index=True, key="delta_table")
