@@ -531,6 +531,7 @@ def runs(name: str, store: Store | None = None, refresh: bool = True) -> pd.Data
         " TRY_CAST(r.metrics->>'test_top1' AS DOUBLE) AS test_top1,"
         " TRY_CAST(r.metrics->>'test_loss' AS DOUBLE) AS test_loss,"
         " TRY_CAST(r.metrics->>'seconds' AS DOUBLE) AS seconds, r.metrics->>'device' AS device,"
+        " r.metrics->>'eval_split' AS eval_split, TRY_CAST(r.metrics->>'n_eval' AS INTEGER) AS n_eval,"
         " r.recipe, r.selection, r.created_at, r.finished_at, j.done, j.total, j.rate, j.message"
         " FROM train_runs r LEFT JOIN jobs j ON j.id = r.job_id WHERE r.dataset = ?"
         " ORDER BY r.created_at DESC, r.fraction DESC, r.method, r.seed", [name])
