@@ -1,0 +1,65 @@
+"""End to end: open a redundant group's patch heatmaps in the browser and move the keep-ratio slider."""
+import re
+
+import pytest
+
+from tests.conftest import e2e_marks
+
+pytestmark = e2e_marks
+
+
+@pytest.fixture
+def ready(tmp_path, monkeypatch):
+    """In the server's cache: Fashion-MNIST (100 per split), embedded, clustered, with a tiny ranker."""
+    import torch
+
+    from core import datasets, embeddings, groups, patches, store as store_mod
+    from core.backbones import DEFAULT_BACKBONE
+    from tests.test_patches import TINY
+
+    monkeypatch.setenv("REDEX_CACHE", str(tmp_path / "cache"))
+    store_mod._stores.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store = store_mod.get_store()
+        name = datasets.register("fashion-mnist", limit=100, store=store)
+        datasets.scan(name, store)
+        model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
+        embeddings.embed_dataset(name, model, bid, store=store)
+        groups.cluster(name, bid, store=store)
+        rid = patches.train_ltrp(name, patches.LtrpSettings(**TINY), store=store)["ranker_id"]
+        patches.score_dataset(name, rid, store=store)
+    finally:
+        torch.set_num_threads(threads)
+        store_mod._stores.clear()
+    return name
+
+
+def kept_metric(page):
+    return page.locator('[data-testid="stMetric"]').filter(has_text="Kept patches").first
+
+
+def test_group_heatmaps_and_keep_ratio_in_the_browser(server, ready, page, tmp_path):
+    page.goto(server)
+    page.get_by_role("link", name="Redundant groups").click()
+    page.get_by_role("button", name="Patch heatmaps").first.click(timeout=60_000)
+
+    # The group opens side by side on the Patch heatmaps page: score maps, then kept patches.
+    page.get_by_role("heading", name=re.compile(r"Group \d+ · ")).wait_for(timeout=60_000)
+    page.locator('[data-testid="stImage"]').nth(3).wait_for(timeout=30_000)  # 2+ images: score maps, kept patches
+    page.screenshot(path=str(tmp_path / "group.png"), full_page=True)
+
+    # One image: the plotly heatmap, and the keep-ratio slider changes what survives.
+    page.get_by_text("One image", exact=True).click()
+    kept_metric(page).wait_for(timeout=60_000)
+    assert "24 / 49" in kept_metric(page).inner_text()
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text="Keep ratio").get_by_role("slider")
+    slider.focus()
+    for _ in range(5):
+        slider.press("ArrowLeft")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('12 / 49'))",
+        timeout=30_000)
+    page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
