@@ -148,6 +148,11 @@ def write_report(name: str, args, sweep_s: float, out: Path) -> None:
     table = subsets.summary(runs)
     done = runs[runs.status == "done"]
     devices = sorted(set(done.device.dropna()))
+    import torch
+
+    if "cuda" in devices and torch.cuda.is_available():
+        devices = [f"cuda ({torch.cuda.get_device_name()}, torch {torch.__version__})" if d == "cuda" else d
+                   for d in devices]
     recipe = done.recipe.iloc[0]
     png = out.with_suffix(".png")
     has_plot = plot(table, png)

@@ -43,6 +43,9 @@ RUN_ACTIVE = ("pending", "running")
 # Training speed (images/s) assumed for a time estimate before anything ran on this machine:
 # resnet8s2 at 28 px on 2 CPU cores (bench/embed.py: 2,173 img/s), scaled by pixels and width.
 FALLBACK_IMAGES_PER_S = {"cpu": 2000.0, "cuda": 40000.0, "mps": 8000.0}
+# Seconds each run spends outside its training loop: process start, imports, data, evaluation
+# (measured: 5-10 s on the 2-core CPU, 10-15 s for six runs sharing an H100 machine).
+RUN_OVERHEAD_S = 10.0
 
 
 class SubsetTrainingError(ValueError):
@@ -271,7 +274,8 @@ def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str
 
     Counts come from k_c = max(1, round(f * n_c)), the same for both methods; runs already done
     (identical key) are not counted unless `spec.force` (only known once the sweep is planned, so
-    here every run counts). Time assumes runs one after another.
+    here every run counts). Time: training images at the measured speed plus `RUN_OVERHEAD_S` a run,
+    shared by the runs that go at once.
     """
     store = store or get_store()
     recipe = base_recipe(name, spec, store)
@@ -285,7 +289,8 @@ def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str
         images += n_methods * spec.seeds * steps * recipe.batch_for(n)
     speed, source = training_speed(name, recipe.arch, store)
     parallel = jobs.max_parallel()
-    return {"runs": runs, "images": images, "seconds": images / speed / min(parallel, max(runs, 1)),
+    seconds = (images / speed + runs * RUN_OVERHEAD_S) / min(parallel, max(runs, 1))
+    return {"runs": runs, "images": images, "seconds": seconds,
             "images_per_s": speed, "speed_source": source, "parallel": parallel}
 
 
