@@ -5,6 +5,8 @@ from core import datasets, embeddings, jobs
 from core.backbones import DEFAULT_BACKBONE
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Datasets")
 
 with st.expander("Add a dataset", expanded=datasets.list_datasets().empty):

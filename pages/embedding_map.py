@@ -5,6 +5,8 @@ import streamlit as st
 from core import datasets, embeddings, jobs
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Embedding map")
 name, bid, n_embedded = widgets.embedded_dataset_picker("map_backbone")
 

@@ -5,6 +5,8 @@ import streamlit as st
 from core import jobs
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Jobs")
 
 

@@ -7,6 +7,8 @@ from core import datasets, embeddings, groups, jobs, subsets
 from core.redundancy import LINKAGES, REPRESENTATIVES, group_size_histogram
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Redundant groups")
 c1, c2 = st.columns(2)
 with c1:

@@ -13,6 +13,8 @@ from core.redundancy import LINKAGES, REPRESENTATIVES
 from core.training import AUGMENTATIONS, OPTIMIZERS, default_recipe
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Training")
 st.caption("Does the subset train a model as good as the full set? Every run trains a classifier from scratch and"
            " is evaluated on the test split (else val). Random subsets keep the same per-class counts.")

@@ -7,6 +7,21 @@ import streamlit as st
 from core import datasets, embeddings, jobs
 
 
+def route_through_app() -> None:
+    """Call first in every page: make a deep link opened first on a fresh server go through app.py.
+
+    Streamlit (1.67) starts in its legacy `pages/`-folder mode whenever a `pages/` folder sits beside
+    the entry script, and leaves it only once `st.navigation` has run. A first visit to e.g. /training
+    therefore ran that page file alone: no page config, and a sidebar listing every file in pages/.
+    Leave that mode and rerun: the rerun executes app.py, whose `st.navigation` routes the same URL.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def dataset_picker(key: str = "dataset_picker") -> str | None:
     """A select box of scanned datasets; remembers the choice across pages."""
     df = datasets.list_datasets()

@@ -79,28 +79,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` on a free loopback port with REDEX_CACHE=cache; returns (process, url)."""
     port = free_port()
-    env = dict(os.environ, REDEX_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, REDEX_CACHE=str(cache))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
+            return proc, url
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                pytest.fail("streamlit did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
+                pytest.fail(f"streamlit did not start (exit code {proc.poll()})")
             time.sleep(0.3)
-    yield url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc, url = start_server(tmp_path / "cache")
+    yield url
+    stop_server(proc)
 
 
 @pytest.fixture

@@ -1,0 +1,69 @@
+"""End to end: launch a one-epoch sweep from the Training page, restart the app, see it finish."""
+import pytest
+
+from tests.conftest import e2e_marks, start_server, stop_server
+
+pytestmark = e2e_marks
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch):
+    """Fashion-MNIST (100 images per split) embedded in the cache the server will use."""
+    from core import datasets, embeddings, store as store_mod
+    from core.backbones import DEFAULT_BACKBONE
+
+    monkeypatch.setenv("REDEX_CACHE", str(tmp_path / "cache"))
+    store_mod._stores.clear()
+    store = store_mod.get_store()
+    name = datasets.register("fashion-mnist", limit=100, store=store)
+    datasets.scan(name, store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    store_mod._stores.clear()
+    return name
+
+
+def test_one_epoch_sweep_survives_an_app_restart(embedded, page, tmp_path):
+    from core import datasets, store as store_mod, subsets
+    from core.redundancy import groups_for_fraction
+
+    proc, url = start_server(tmp_path / "cache")
+    try:
+        page.goto(url + "/training")
+        page.get_by_text("No training runs yet.").wait_for(timeout=60_000)
+        # Fractions: only 0.5 (clear the defaults, pick one); one seed; one epoch.
+        fractions = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Fractions")
+        fractions.get_by_role("button", name="Clear all").click()
+        fractions.get_by_role("combobox").fill("0.5")
+        fractions.get_by_role("combobox").press("Enter")
+        page.keyboard.press("Escape")
+        for label, value in (("Seeds", "1"), ("Epochs", "1")):
+            box = page.get_by_label(label, exact=True)
+            box.fill(value)
+            box.press("Enter")
+        page.get_by_text("2 runs,").wait_for(timeout=30_000)  # semantic and random at 0.5, one seed
+        page.get_by_role("button", name="Launch sweep").click()
+        page.get_by_text("sweep 1 · running").wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "training-running.png"), full_page=True)
+    finally:
+        stop_server(proc)  # the app goes away; the sweep is a process of its own and goes on
+
+    proc, url = start_server(tmp_path / "cache")
+    try:
+        page.goto(url + "/training")  # a deep link, the first visit of the new server
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        nav.get_by_text("Redundant groups", exact=True).wait_for(timeout=60_000)  # routed by app.py, not the pages/ folder
+        assert "widgets" not in nav.inner_text()
+        page.get_by_text("Test accuracy vs subset size").wait_for(timeout=240_000)
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "training-done.png"), full_page=True)
+    finally:
+        stop_server(proc)
+    store_mod._stores.clear()
+    store = store_mod.get_store()
+    runs = subsets.runs(embedded, store)
+    counts = datasets.images_table(embedded, store, split="train").label.value_counts()
+    store_mod._stores.clear()
+    assert sorted(runs.method) == ["random", "semantic"] and set(runs.status) == {"done"}
+    expected = sum(groups_for_fraction(int(n), 0.5) for n in counts)  # k_c = max(1, round(0.5 * n_c))
+    assert set(runs.n_train) == {expected} and runs.test_top1.between(0, 1).all()
