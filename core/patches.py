@@ -370,14 +370,6 @@ def load_scores(name: str, rid: str, *, label: str | None = None, image_ids: lis
     return table, flat.astype(np.float32, copy=False).reshape(len(table), -1)
 
 
-def scores_version(name: str, rid: str, store: Store | None = None) -> str:
-    """Changes when the ranker is retrained or more images are scored: a cache key for the page."""
-    store = store or get_store()
-    (created,), = store.query("SELECT max(created_at) FROM ltrp_models WHERE model_id = ?", [rid])
-    (count,), = store.query("SELECT count(*) FROM patch_scores WHERE ranker_id = ?", [rid])
-    return f"{created}:{count}"
-
-
 # -- one image: resolving it and what is shown -------------------------------------------------
 @dataclass(frozen=True)
 class ImageRef:

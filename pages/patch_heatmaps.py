@@ -46,11 +46,11 @@ ltrp_jobs()
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the ranker and its MAE...")
-def models(rid: str):
+def models(rid: str, trained_at: str):
     return patches.load_ranker_model(rid), patches.load_mae_model(rid)
 
 
-ranker, mae = models(rid)
+ranker, mae = models(rid, str(ranker_row.created_at))  # a retrained ranker (same id) is loaded again
 pixels = datasets.load_pixels(name)
 grid, patch = mae.cfg.grid, mae.cfg.patch_size
 

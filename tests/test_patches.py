@@ -66,14 +66,11 @@ def test_ltrp_job_trains_scores_and_reuses_its_models(store, fmnist):
     _, maps = patches.load_scores(fmnist, rid, store=store)
     assert maps.shape == (n_images, 49) and np.isfinite(maps).all()
 
-    mtime = Path(models.checkpoint[1]).stat().st_mtime_ns
-    again = jobs.wait(jobs.launch("ltrp", fmnist, TINY, store=store), store, timeout=300)
-    assert again["status"] == "done"
-    assert (again["result"]["scored"], again["result"]["reused"]) == (0, n_images)
-    assert Path(models.checkpoint[1]).stat().st_mtime_ns == mtime  # not retrained
-    messages = [m for _, _, m in jobs.job_events(again["id"], store)]
-    assert any("reusing the trained MAE" in m for m in messages)
-    assert any("reusing the trained ranker" in m for m in messages)
+    mtimes = [Path(p).stat().st_mtime_ns for p in models.checkpoint]
+    assert patches.train_ltrp(fmnist, patches.LtrpSettings(**TINY), store=store) == {"mae_id": mae_id,
+                                                                                     "ranker_id": rid}
+    assert [Path(p).stat().st_mtime_ns for p in models.checkpoint] == mtimes  # reused, not retrained
+    assert patches.score_dataset(fmnist, rid, store=store)["scored"] == 0
     # A different recipe is a different model (its own id), not the cached one.
     other = patches.train_ltrp(fmnist, patches.LtrpSettings(**{**TINY, "mask_ratio": 0.5}), store=store)
     assert other["mae_id"] == mae_id and other["ranker_id"] != rid
