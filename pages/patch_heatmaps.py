@@ -6,6 +6,8 @@ import streamlit as st
 from core import datasets, jobs, patches
 from pages import widgets
 
+widgets.route_through_app()
+
 st.title("Patch heatmaps")
 name = widgets.dataset_picker()
 if name is None:
