@@ -31,3 +31,10 @@ def autocast(device: torch.device):
 def needs_grad_scaler(device: torch.device) -> bool:
     """fp16 autocast needs loss scaling; bf16 and CPU do not."""
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def full_precision(device: torch.device):
+    """A region where autocast is off (inside an `autocast` region too); a no-op off CUDA."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", enabled=False)

@@ -383,3 +383,18 @@ def test_official_loader_infers_base_heads_and_rejects_encoder_only_checkpoints(
                                       decoder_embed_dim=512, decoder_depth=1, decoder_heads=16))
     cfg = load_official_mae({"model": state}).cfg
     assert (cfg.heads, cfg.decoder_heads, cfg.img_size, cfg.patch_size) == (12, 16, 32, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast is a no-op on the CPU)")
+def test_pseudo_scores_stay_full_precision_inside_autocast(trained_mae, fmnist_test):
+    """The ranker's training step runs under bf16/fp16 autocast; its pseudo-score targets must not."""
+    mae = trained_mae.to("cuda")
+    try:
+        x = torch.from_numpy(np.array(fmnist_test[0][:256])).float()[:, None].cuda()
+        exact = ltrp.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            inside = ltrp.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, exact)
+    finally:
+        mae.to("cpu")
