@@ -278,6 +278,7 @@ def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str
     shared by the runs that go at once.
     """
     store = store or get_store()
+    eval_split(name, store)  # a sweep with nothing to evaluate on is refused before any estimate
     recipe = base_recipe(name, spec, store)
     counts = _train_pool(name, store).label.value_counts().to_numpy()
     runs = images = 0

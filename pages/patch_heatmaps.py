@@ -147,8 +147,8 @@ elif mode == "Class grid":
     label = a.selectbox("Class", sorted(table.label.unique()), key="grid_class")
     count = b.slider("Images", 4, 64, 24, 4, key="grid_count")
     shown, maps = patches.load_scores(name, rid, label=label)
-    st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {label}: each image under"
-               f" its score map; below, the patches kept at {keep_ratio:.2f}.")
+    st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {label}, each under its"
+               " score map (brighter = more informative).")
     shown, maps = shown.head(count), maps[:count]
     originals = patches.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
     thumbnails([patches.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
