@@ -73,6 +73,23 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 e2e_marks = [pytest.mark.e2e, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
 
 
+def embedded_demo(cache: Path, monkeypatch, limit: int = 100):
+    """In `cache` (the store a test server will use): Fashion-MNIST, the first `limit` images of each
+    split, scanned and embedded by a one-epoch default backbone. Returns (store, name, backbone id);
+    the caller clears `store._stores` when it is done with the store."""
+    from core import datasets, embeddings
+    from core.backbones import DEFAULT_BACKBONE
+
+    monkeypatch.setenv("REDEX_CACHE", str(cache))
+    store_mod._stores.clear()
+    store = store_mod.get_store()
+    name = datasets.register("fashion-mnist", limit=limit, store=store)
+    datasets.scan(name, store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    return store, name, bid
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from tests.conftest import e2e_marks
+from tests.conftest import e2e_marks, embedded_demo
 
 pytestmark = e2e_marks
 
@@ -13,20 +13,13 @@ def ready(tmp_path, monkeypatch):
     """In the server's cache: Fashion-MNIST (100 per split), embedded, clustered, with a tiny ranker."""
     import torch
 
-    from core import datasets, embeddings, groups, patches, store as store_mod
-    from core.backbones import DEFAULT_BACKBONE
+    from core import groups, patches, store as store_mod
     from tests.test_patches import TINY
 
-    monkeypatch.setenv("REDEX_CACHE", str(tmp_path / "cache"))
-    store_mod._stores.clear()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        store = store_mod.get_store()
-        name = datasets.register("fashion-mnist", limit=100, store=store)
-        datasets.scan(name, store)
-        model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
-        embeddings.embed_dataset(name, model, bid, store=store)
+        store, name, bid = embedded_demo(tmp_path / "cache", monkeypatch)
         groups.cluster(name, bid, store=store)
         rid = patches.train_ltrp(name, patches.LtrpSettings(**TINY), store=store)["ranker_id"]
         patches.score_dataset(name, rid, store=store)

@@ -1,7 +1,7 @@
 """End to end: launch a one-epoch sweep from the Training page, restart the app, see it finish."""
 import pytest
 
-from tests.conftest import e2e_marks, start_server, stop_server
+from tests.conftest import e2e_marks, embedded_demo, start_server, stop_server
 
 pytestmark = e2e_marks
 
@@ -9,16 +9,9 @@ pytestmark = e2e_marks
 @pytest.fixture
 def embedded(tmp_path, monkeypatch):
     """Fashion-MNIST (100 images per split) embedded in the cache the server will use."""
-    from core import datasets, embeddings, store as store_mod
-    from core.backbones import DEFAULT_BACKBONE
+    from core import store as store_mod
 
-    monkeypatch.setenv("REDEX_CACHE", str(tmp_path / "cache"))
-    store_mod._stores.clear()
-    store = store_mod.get_store()
-    name = datasets.register("fashion-mnist", limit=100, store=store)
-    datasets.scan(name, store)
-    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
-    embeddings.embed_dataset(name, model, bid, store=store)
+    _, name, _ = embedded_demo(tmp_path / "cache", monkeypatch)
     store_mod._stores.clear()
     return name
 
