@@ -6,7 +6,7 @@ PORT   ?= 8501
 PY     := $(VENV)/bin/python
 APT    := $(shell if [ "$$(id -u)" = 0 ]; then echo apt-get; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then echo "sudo apt-get"; fi)
 
-.PHONY: run test setup setup-test data browser bench clean
+.PHONY: run test setup setup-test data browser bench reproduce clean
 
 run: setup data
 	@echo "redex: open http://$(HOST):$(PORT)"
@@ -46,6 +46,11 @@ browser:
 
 bench: setup data
 	$(PY) bench/embed.py
+
+# The paper's Figure 2 on Fashion-MNIST (hours on a 2-core CPU; resumable: run it again after a stop).
+reproduce: setup data
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/reproduce.py
 
 clean:
 	rm -rf $(VENV) cache/*.duckdb* cache/artifacts cache/jobs
