@@ -26,8 +26,19 @@ if rankers.empty:
             " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
             " patches the MAE's reconstruction depends on most (LTRP, Luo et al. 2024), and every image is"
             f" scored. Command line: `redex ltrp train {name}` (`--checkpoint` takes a pretrained MAE).")
+    with st.expander("Settings"):
+        a, b, c = st.columns(3)
+        mae_epochs = a.number_input("MAE epochs", 1, 200, patches.LtrpSettings.mae_epochs, key="ltrp_mae_epochs")
+        ranker_epochs = b.number_input("Ranker epochs", 1, 200, patches.LtrpSettings.ranker_epochs,
+                                       key="ltrp_ranker_epochs")
+        mask_ratio = c.number_input(
+            "Pseudo-score mask ratio (0 = default)", 0.0, 0.95, 0.0, 0.05, key="ltrp_mask_ratio",
+            help="Share of patches hidden when the MAE's pseudo-scores are computed. The paper uses 0.9 (19 of"
+                 " 196 patches visible); redex's default is 0.9 above 64 patches and 0.75 on small grids"
+                 " (28 px images: 49 patches, of which 0.9 would leave 4 visible), where 0.75 ranked better.")
     if st.button("Train the patch ranker", type="primary"):
-        jobs.launch("ltrp", name, {})
+        jobs.launch("ltrp", name, {"mae_epochs": int(mae_epochs), "ranker_epochs": int(ranker_epochs),
+                                   "mask_ratio": float(mask_ratio) or None})
         st.session_state["ltrp_waiting"] = True
         st.rerun()
     ltrp_jobs()

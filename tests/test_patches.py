@@ -243,6 +243,7 @@ def test_page_without_a_ranker_starts_the_job(store, fmnist):
     assert not at.exception
     job = jobs.list_jobs(store)[0]
     assert (job["kind"], job["dataset"]) == ("ltrp", fmnist)
+    assert job["params"] == {"mae_epochs": 2, "ranker_epochs": 1, "mask_ratio": None}  # the settings' defaults
     assert len(at.get("progress")) == 1  # the live status of the job
     jobs.cancel(job["id"], store)
 
