@@ -336,7 +336,9 @@ def run_sweep(name: str, sweep_id: int, ctx: JobContext) -> dict:
         with store.write() as con:
             con.execute("UPDATE train_runs SET status = 'pending', error = NULL, job_id = NULL, sweep_id = ?"
                         " WHERE list_contains(?, run_key) AND status IN ('failed', 'cancelled')", [sweep_id, keys])
-        todo, reused = keys, 0
+            mine = {k for (k,) in con.execute("SELECT run_key FROM train_runs WHERE sweep_id = ? AND status ="
+                                              " 'pending'", [sweep_id]).fetchall()}
+        todo, reused = [k for k in keys if k in mine], 0  # not those another sweep has retried meanwhile
     else:
         todo, reused = _plan_and_record(name, SweepSpec.from_dict(spec["grid"]), sweep_id, ctx)
     ctx.phase(f"{len(todo)} training runs", total=len(todo))
