@@ -40,6 +40,7 @@ from core import config, idx, ltrp  # noqa: E402
 from core.mae import (  # noqa: E402
     MAEConfig, adamw, cosine_lr, init_vit_weights, sincos_pos_embed, train_mae, vit_blocks, with_cls_row,
 )
+from core.device import pick_device  # noqa: E402
 from core.training import channel_stats, pixels_view  # noqa: E402
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)
@@ -59,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="classifier width")
     p.add_argument("--depth", type=int, default=3, help="classifier blocks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="classifier seeds per setting (mean ± std when > 1)")
+    p.add_argument("--batch", type=int, default=128, help="classifier batch size")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
@@ -95,18 +99,22 @@ class KeptPatchViT(nn.Module):
         return self.head(self.norm(tokens[:, 0]))
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, args, mean, std,
-                     batch: int = 128, lr: float = 2e-3) -> KeptPatchViT:
-    """AdamW, 5 % warm-up + cosine, label smoothing 0.1; the same recipe and seed for every selection."""
-    torch.manual_seed(args.seed)
-    model = KeptPatchViT(28, 4, 1, args.dim, args.depth, 10, mean, std)
+def train_classifier(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, args, mean, std, seed: int,
+                     lr: float = 2e-3) -> KeptPatchViT:
+    """AdamW, 5 % warm-up + cosine, label smoothing 0.1; the same recipe and seed for every selection.
+
+    `x`, `y`, `keep` live on the device the model is trained on (fp32: the same numbers on any device).
+    """
+    torch.manual_seed(seed)
+    model = KeptPatchViT(28, 4, 1, args.dim, args.depth, 10, mean, std).to(x.device)
     opt = adamw(model, lr, 0.05)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
+    batch = args.batch
     per_epoch = len(x) // batch
     total = args.epochs * per_epoch
     model.train()
     for epoch in range(args.epochs):
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(len(x), generator=gen).to(x.device)
         for i in range(per_epoch):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(epoch * per_epoch + i, total, lr, 0.05)
@@ -128,7 +136,10 @@ def accuracy(model: KeptPatchViT, x: torch.Tensor, y: torch.Tensor, keep: torch.
 
 @torch.inference_mode()
 def throughput(fn, n: int, repeats: int = 3) -> float:
-    """Images/s of `fn()` over `n` images: the best of `repeats` runs (damps a shared CPU's noise)."""
+    """Images/s of `fn()` over `n` images: the best of `repeats` runs (damps a shared CPU's noise).
+
+    `fn` must end with its results on the host (or synchronise), so that GPU work is timed too.
+    """
     fn()  # warm-up
     best = min(_timed(fn) for _ in range(repeats))
     return n / best
@@ -163,6 +174,7 @@ def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     start = time.perf_counter()
     folder = config.fashion_mnist_dir()
     x_train, y_train = idx.load_fashion_mnist(folder, "train")
@@ -172,17 +184,18 @@ def main() -> int:
     x_train, y_train = x_train[order][..., None], y_train[order]
     x_test, y_test = x_test[:args.test_images, ..., None], y_test[:args.test_images]
     results: dict = {"args": vars(args), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-                     "cpus": os.cpu_count()}
+                     "cpus": os.cpu_count(), "device": str(device)
+                     + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")}
 
     # 1. MAE and ranker, as the ltrp job makes them.
     cfg = MAEConfig.for_image(28, 1)
     t = time.perf_counter()
-    mae, mae_metrics = train_mae(x_train[:args.mae_images], cfg, epochs=args.mae_epochs, seed=args.seed, device="cpu")
+    mae, mae_metrics = train_mae(x_train[:args.mae_images], cfg, epochs=args.mae_epochs, seed=args.seed, device=device)
     results["mae"] = {"seconds": time.perf_counter() - t, "loss": mae_metrics["train_loss"]}
     rcfg = ltrp.RankerConfig.for_mae(mae)
     t = time.perf_counter()
     ranker, r_metrics = ltrp.train_ranker(mae, x_train[-args.ranker_images:], rcfg, epochs=args.ranker_epochs,
-                                          seed=args.seed, eval_images=x_test[:512], device="cpu")
+                                          seed=args.seed, eval_images=x_test[:512], device=device)
     results["ranker"] = {"seconds": time.perf_counter() - t, "spearman_before": r_metrics["agreement_before"]["spearman"],
                          "spearman": r_metrics["agreement"]["spearman"], "mask_ratio": r_metrics["mask_ratio"]}
     print(f"MAE {results['mae']['seconds']:.0f} s, ranker {results['ranker']['seconds']:.0f} s "
@@ -194,29 +207,35 @@ def main() -> int:
               "random": {k: random_scores(len(v), 49, args.seed + i) for i, (k, v) in enumerate(xs.items())},
               "variance": {k: variance_scores(v) for k, v in xs.items()}}
     mean, std = channel_stats(xs["train"])
-    tx, ty = pixels_view(xs["train"]).contiguous(), torch.from_numpy(y_train[:args.train_images]).long()
-    vx, vy = pixels_view(xs["test"]).contiguous(), torch.from_numpy(y_test).long()
+    tx = pixels_view(xs["train"]).contiguous().to(device)
+    ty = torch.from_numpy(y_train[:args.train_images]).long().to(device)
+    vx, vy = pixels_view(xs["test"]).contiguous().to(device), torch.from_numpy(y_test).long().to(device)
     all_keep = (torch.arange(49).expand(len(tx), -1), torch.arange(49).expand(len(vx), -1))
     runs = [("all", 1.0, all_keep)] + [(m, r, selections(m, scores, r)) for r in KEEP_RATIOS for m in METHODS]
     results["classifiers"] = []
     for method, ratio, (k_train, k_test) in runs:
-        t = time.perf_counter()
-        model = train_classifier(tx, ty, k_train, args, mean, std)
-        seconds = time.perf_counter() - t
-        acc = accuracy(model, vx, vy, k_test)
+        k_train, k_test = k_train.to(device), k_test.to(device)
+        accs, seconds = [], []
+        for seed in range(args.seed, args.seed + args.seeds):
+            t = time.perf_counter()
+            model = train_classifier(tx, ty, k_train, args, mean, std, seed)
+            seconds.append(time.perf_counter() - t)
+            accs.append(accuracy(model, vx, vy, k_test))
         speed = throughput(lambda: accuracy(model, vx, vy, k_test), len(vx))
-        row = {"method": method, "keep_ratio": ratio, "tokens": int(k_test.shape[1]), "test_accuracy": acc,
-               "train_seconds": seconds, "images_per_s": speed}
+        row = {"method": method, "keep_ratio": ratio, "tokens": int(k_test.shape[1]),
+               "test_accuracy": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1
+               else 0.0, "accuracies": accs, "train_seconds": float(np.mean(seconds)), "images_per_s": speed}
         results["classifiers"].append(row)
-        print(f"{method:>8} kr={ratio:.2f} K={row['tokens']:2d}: test acc {acc:.4f}, train {seconds:.0f} s, "
-              f"inference {speed:,.0f} img/s", flush=True)
+        print(f"{method:>8} kr={ratio:.2f} K={row['tokens']:2d}: test acc {row['test_accuracy']:.4f}"
+              f" ± {row['test_accuracy_std']:.4f} ({len(accs)} seeds), train {row['train_seconds']:.0f} s,"
+              f" inference {speed:,.0f} img/s", flush=True)
 
     # 3. Ranker (one forward) against the MAE pseudo-scores, same images.
     n = min(2_000, len(x_test))
     gen = torch.Generator()
     rank_speed = throughput(lambda: ltrp.score_maps(ranker, x_test[:n]), n)
-    pseudo_speed = throughput(lambda: [ltrp.pseudo_scores(mae, x_test[lo:lo + 256], generator=gen.manual_seed(0))
-                                       for lo in range(0, n, 256)], n, repeats=2)
+    pseudo_speed = throughput(lambda: [ltrp.pseudo_scores(mae, x_test[lo:lo + 256], generator=gen.manual_seed(0))[1]
+                                       .cpu() for lo in range(0, n, 256)], n, repeats=2)
     results["scoring"] = {"images": n, "ranker_images_per_s": rank_speed, "pseudo_images_per_s": pseudo_speed,
                           "ratio": rank_speed / pseudo_speed}
     results["seconds"] = time.perf_counter() - start
@@ -236,9 +255,11 @@ def report(results: dict) -> None:
         at = {r["method"]: r for r in rows if r["keep_ratio"] == ratio}
         speed = np.mean([r["images_per_s"] for r in at.values()])
         print(f"| {ratio:.2f} | {at['ltrp']['tokens']} | "
-              + " | ".join(f"{at[m]['test_accuracy']:.2%}" for m in METHODS)
+              + " | ".join(f"{at[m]['test_accuracy']:.2%} ± {at[m]['test_accuracy_std']:.2%}" for m in METHODS)
               + f" | {speed:,.0f} ({speed / full['images_per_s']:.2f}x) |")
-    print(f"| 1.00 | 49 | all patches: {full['test_accuracy']:.2%} | | | {full['images_per_s']:,.0f} (1.00x) |")
+    print(f"| 1.00 | 49 | all patches: {full['test_accuracy']:.2%} ± {full['test_accuracy_std']:.2%} | | |"
+          f" {full['images_per_s']:,.0f} (1.00x) |")
+    print(f"device: {results['device']}")
     s = results["scoring"]
     print(f"\nranker {s['ranker_images_per_s']:,.0f} img/s vs MAE pseudo-scores {s['pseudo_images_per_s']:,.0f} img/s:"
           f" {s['ratio']:.1f}x over {s['images']} images; total {results['seconds']:.0f} s")
