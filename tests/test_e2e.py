@@ -1,6 +1,4 @@
 """End to end: the real Streamlit server, driven in headless Debian chromium with Playwright."""
-import pytest
-
 from tests.conftest import e2e_marks
 
 pytestmark = e2e_marks

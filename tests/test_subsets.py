@@ -4,7 +4,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
