@@ -1,7 +1,6 @@
 """Training: semantic vs random vs full subsets, launched from here, with the paper's Figure 2."""
 import json
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -106,8 +105,9 @@ def live() -> None:
     if df.empty:
         st.caption("No training runs yet.")
     else:
-        shown = df.assign(progress=np.where(df.total > 0, df.done / df.total.where(df.total > 0), np.nan),
-                          test_top1=df.test_top1 * 100)
+        done, total = (pd.to_numeric(df[c], errors="coerce").astype(float) for c in ("done", "total"))
+        progress = (done / total.where(total > 0)).where(df.status != "done", 1.0)  # NaN: no job yet
+        shown = df.assign(progress=progress, test_top1=df.test_top1 * 100)
         st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
                             "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True, key="runs_table",
                      column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0,

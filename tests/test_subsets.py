@@ -132,6 +132,11 @@ def test_killed_run_fails_the_sweep_goes_on_cancel_and_retry(ready, store):
     retry_sweep, retry_job = subsets.retry(name, store)
     wait_until(lambda: (r := running_run()) is not None and r.sweep_id == retry_sweep, what="a retried run")
     assert set(subsets.runs(name, store).sweep_id) == {retry_sweep}
+    at = run_page("pages/training.py", dataset=name)  # live: one run training, one waiting for its turn
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "run_key" in d.value.columns)
+    assert sorted(table.status) == ["pending", "running"]
+    assert len(at.get("progress")) == 2  # live bars: the sweep, and the run that is training
     assert subsets.cancel_sweep(retry_sweep, store)
     assert set(subsets.runs(name, store).status) == {"cancelled"}
 
