@@ -47,7 +47,7 @@ browser:
 bench: setup data
 	$(PY) bench/embed.py
 
-# The paper's Figure 2 on Fashion-MNIST (hours on a 2-core CPU; resumable: run it again after a stop).
+# The paper's Figure 2 on Fashion-MNIST (40 min on 2 idle CPU cores; resumable: run it again after a stop).
 reproduce: setup data
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/reproduce.py
