@@ -182,5 +182,6 @@ else:
         fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
                      color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})
         fig.update_layout(showlegend=False, height=360)
+        fig.update_xaxes(categoryorder="array", categoryarray=list(deltas.label))  # classes in order, not by colour
         st.plotly_chart(fig, key="delta_plot")
     st.dataframe(deltas, hide_index=True, key="delta_table")
