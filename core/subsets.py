@@ -22,7 +22,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,9 @@ from core.datasets import get_dataset, images_table, load_pixels
 from core.jobs import JobCancelled, JobContext, task
 from core.redundancy import REPRESENTATIVES, groups_for_fraction
 from core.store import Store, get_store, to_json
-from core.training import Recipe, default_recipe
+
+if TYPE_CHECKING:
+    from core.training import Recipe
 
 METHODS = ("semantic", "random")          # "full" is the run at fraction 1.0
 DEFAULT_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.5)
@@ -187,6 +189,8 @@ def base_recipe(name: str, spec: SweepSpec, store: Store | None = None) -> Recip
 
     budget 'steps': every run takes as many optimisation steps as the full run's epochs give.
     """
+    from core.training import Recipe, default_recipe  # torch: imported where a recipe is made, not by the CLI
+
     ds = get_dataset(name, store)
     recipe = default_recipe(ds["image_size"])
     try:
@@ -477,6 +481,7 @@ def train_run(key: str, store: Store | None = None, ctx: JobContext | None = Non
     """Train and evaluate one planned run; store its metrics. Returns them."""
     from core.backbones import train_backbone
     from core.embeddings import _labels_as_int, _train_message
+    from core.training import Recipe
 
     store = store or get_store()
     run = get_run(key, store)
