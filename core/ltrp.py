@@ -79,10 +79,10 @@ def pseudo_scores(mae: MaskedAutoencoder, images: np.ndarray | torch.Tensor, *,
         raise ValueError(f"mask_ratio {mask_ratio} leaves {visible} of {num_patches} patches visible; need 2")
     visible_idx = random_visible_idx(len(x), num_patches, visible, generator).to(mae.device)
     # Full precision, also on CUDA: a score is a small difference of two reconstructions (median
-    # 0.016 in normalised pixels on Fashion-MNIST), and under bf16 autocast it moved by 4 % of that,
-    # reordering pairs (Kendall 0.976 against fp32 on an H100; the top patch differed in 1.5 % of
-    # the images). The MAE is small; exact targets are worth the slower decoder. (The ranker's
-    # training step calls this inside its own autocast region, hence an explicit off switch.)
+    # 0.02 in normalised pixels on Fashion-MNIST), and bf16 autocast reorders pairs of them (Kendall
+    # 0.98 against fp32 on an H100; the top patch differs in 1.4 % of the images: bench/ltrp_job.py).
+    # The MAE is small; exact targets are worth the slower decoder. (The ranker's training step
+    # calls this inside its own autocast region, hence an explicit off switch.)
     with full_precision(mae.device):
         latent = mae.encode(mae.normalize(x), visible_idx)
         preds = decode_ablations(mae, latent, visible_idx)
