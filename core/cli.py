@@ -328,9 +328,7 @@ def _print_results(name: str, csv: bool = False, every_run: bool = False) -> Non
     else:
         table = subsets.summary(df)
         if not csv:
-            table = table.assign(top1=[subsets.format_pm(m, s, n) for m, s, n in
-                                       zip(table.top1_mean, table.top1_std, table.seeds)])
-            table = table[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
+            table = subsets.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
     if csv:
         sys.stdout.write(table.to_csv(index=False))
     elif table.empty:

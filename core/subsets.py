@@ -580,6 +580,11 @@ def format_pm(mean: float, std: float, seeds: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
 
 
+def with_top1_text(table: pd.DataFrame) -> pd.DataFrame:
+    """A `summary` table with a `top1` column of `format_pm` text, for people to read."""
+    return table.assign(top1=[format_pm(m, s, n) for m, s, n in zip(table.top1_mean, table.top1_std, table.seeds)])
+
+
 def evidence(name: str, fraction: float, backbone_id: str | None = None, store: Store | None = None) -> str | None:
     """The best evidence so far for the subset at `fraction`, e.g.
     '0.9 semantic: 91.2 ± 0.2 vs random 90.8 ± 0.3 vs full 91.3 ± 0.1 (top-1 %, 3 seeds)'; None if no run."""
@@ -609,9 +614,9 @@ def per_class_deltas(name: str, key: str, store: Store | None = None) -> pd.Data
     if run["status"] != "done":
         raise SubsetTrainingError(f"run {key} is {run['status']}, not done")
     tag = recipe_tag(run["recipe"])
-    fulls = [get_run(k, store)["metrics"]["per_class"] for (k,) in store.query(
-        "SELECT run_key FROM train_runs WHERE dataset = ? AND method = 'full' AND status = 'done'", [name])
-        if recipe_tag(get_run(k, store)["recipe"]) == tag]
+    fulls = [json.loads(metrics)["per_class"] for recipe, metrics in store.query(
+        "SELECT recipe, metrics FROM train_runs WHERE dataset = ? AND method = 'full' AND status = 'done'", [name])
+        if recipe_tag(json.loads(recipe)) == tag]
     classes = run["metrics"]["classes"]
     df = pd.DataFrame({"label": classes, "accuracy": run["metrics"]["per_class"]})
     if fulls:

@@ -164,9 +164,7 @@ for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
 fig.update_layout(xaxis_title="training images (subset size)", yaxis_title="test top-1 accuracy (%)",
                   legend_title="subset", height=460)
 st.plotly_chart(fig, key="accuracy_plot")
-st.dataframe(table.assign(top1=[subsets.format_pm(m, s, n) for m, s, n in
-                                zip(table.top1_mean, table.top1_std, table.seeds)])
-             [["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
+st.dataframe(subsets.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
              hide_index=True, key="summary_table")
 
 st.subheader("Per-class accuracy against the full set")
