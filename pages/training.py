@@ -91,17 +91,10 @@ def live() -> None:
         if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep['sweep_id']}"):
             subsets.cancel_sweep(sweep["sweep_id"])
             st.rerun(scope="app")
-    running = df[df.status == "running"]
-    for r in running.itertuples():
-        job = jobs.get_job(int(r.job_id)) if pd.notna(r.job_id) else None
-        if job is None:
-            continue
-        c1, c2 = st.columns([5, 1])
-        info = jobs.describe(job)
-        c1.progress(info["fraction"] or 0.0, text=f"{r.method} {r.fraction:g} seed {r.seed} · {info['text']}")
-        if c2.button("Cancel run", key=f"cancel-run-{r.run_key}"):
-            jobs.cancel(int(r.job_id))
-            st.rerun(scope="app")
+    for job_id in df.job_id[df.status == "running"].dropna():
+        job = jobs.get_job(int(job_id))
+        if job is not None:
+            widgets.job_status(job)  # its phase names the run: method, fraction, seed; a cancel button
     if df.empty:
         st.caption("No training runs yet.")
     else:
