@@ -47,7 +47,9 @@ def test_one_epoch_sweep_survives_an_app_restart(embedded, page, tmp_path):
         nav = page.locator('[data-testid="stSidebarNav"]')
         nav.get_by_text("Redundant groups", exact=True).wait_for(timeout=60_000)  # routed by app.py, not the pages/ folder
         assert "widgets" not in nav.inner_text()
+        # The plot appears with the first finished run; the sweep's bar goes once its last run is over.
         page.get_by_text("Test accuracy vs subset size").wait_for(timeout=240_000)
+        page.get_by_text("sweep 1 ·").wait_for(state="detached", timeout=240_000)
         page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
         page.screenshot(path=str(tmp_path / "training-done.png"), full_page=True)
     finally:
