@@ -140,3 +140,13 @@ def page():
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield pg
         browser.close()
+
+
+def slide_left(page, slider, steps: int, until_metric: str) -> None:
+    """Move a slider `steps` notches left with the keyboard, then wait until a metric shows `until_metric`."""
+    slider.focus()
+    for _ in range(steps):
+        slider.press("ArrowLeft")
+    page.wait_for_function(
+        "text => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes(text))",
+        arg=until_metric, timeout=30_000)

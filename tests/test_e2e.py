@@ -1,5 +1,5 @@
 """End to end: the real Streamlit server, driven in headless Debian chromium with Playwright."""
-from tests.conftest import e2e_marks
+from tests.conftest import e2e_marks, slide_left
 
 pytestmark = e2e_marks
 
@@ -40,11 +40,5 @@ def test_load_demo_and_embed_in_the_browser(server, page, tmp_path, monkeypatch)
     kept.wait_for(timeout=120_000)
     before = kept.inner_text()
     assert "270" in before  # sum over classes of round(0.9 * n_c) for the first 300 train images
-    slider = page.get_by_role("slider").first
-    slider.focus()
-    for _ in range(10):
-        slider.press("ArrowLeft")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('240'))",
-        timeout=30_000)
+    slide_left(page, page.get_by_role("slider").first, 10, until_metric="240")
     page.screenshot(path=str(tmp_path / "groups.png"), full_page=True)

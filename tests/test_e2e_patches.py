@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from tests.conftest import e2e_marks, embedded_demo
+from tests.conftest import e2e_marks, embedded_demo, slide_left
 
 pytestmark = e2e_marks
 
@@ -49,10 +49,5 @@ def test_group_heatmaps_and_keep_ratio_in_the_browser(server, ready, page, tmp_p
     assert "24 / 49" in kept_metric(page).inner_text()
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
     slider = page.locator('[data-testid="stSlider"]').filter(has_text="Keep ratio").get_by_role("slider")
-    slider.focus()
-    for _ in range(5):
-        slider.press("ArrowLeft")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMetric]')].some(m => m.innerText.includes('12 / 49'))",
-        timeout=30_000)
+    slide_left(page, slider, 5, until_metric="12 / 49")
     page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
