@@ -41,8 +41,10 @@ from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import config, idx  # noqa: E402
-from core import redundancy as R  # noqa: E402
+from core import config
+from core.data import idx
+from core.redundancy import checks, cuts
+from core.redundancy import trees as redundancy_trees
 
 CUT_TARGET_MS = 50.0
 BENCH_PYTHON = Path("/tmp/benchvenv/bin/python")
@@ -128,7 +130,7 @@ def build_classes(emb: np.ndarray, labels: np.ndarray, **build) -> dict:
     out = {}
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        out[int(c)] = (R.build_class_tree(emb[members], **build), emb[members], members)
+        out[int(c)] = (redundancy_trees.build_class_tree(emb[members], **build), emb[members], members)
     return out
 
 
@@ -151,7 +153,7 @@ def naive_subset(class_trees: dict, fraction: float) -> np.ndarray:
     """The baseline: fcluster per class, then a Python loop over groups for nearest-mean representatives."""
     kept = []
     for tree, emb, members in class_trees.values():
-        k = R.groups_for_fraction(tree.n, fraction)
+        k = cuts.groups_for_fraction(tree.n, fraction)
         labels = fcluster(tree.linkage, k, "maxclust") if tree.n > 1 else np.ones(1, int)
         order = np.argsort(labels, kind="stable")
         for group in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
@@ -174,16 +176,16 @@ def latencies_ms(fn, values) -> np.ndarray:
 def bench_cuts(trees: dict, quick: bool, report: list[str]) -> None:
     rng = np.random.default_rng(0)
     n = sum(t.n for t, _, _ in trees.values())
-    R.select_subset(trees, fraction=0.5)  # warm-up: first-call costs are not a slider move
+    cuts.select_subset(trees, fraction=0.5)  # warm-up: first-call costs are not a slider move
     fractions = rng.permutation(np.linspace(0.01, 0.99, 99))
-    ours = latencies_ms(lambda f: R.select_subset(trees, fraction=f), fractions)
-    by_t = latencies_ms(lambda t: R.select_subset(trees, threshold=t), rng.permutation(np.linspace(0.0, 0.3, 61)))
+    ours = latencies_ms(lambda f: cuts.select_subset(trees, fraction=f), fractions)
+    by_t = latencies_ms(lambda t: cuts.select_subset(trees, threshold=t), rng.permutation(np.linspace(0.0, 0.3, 61)))
     few = fractions[:5 if quick else 15]
     naive = latencies_ms(lambda f: naive_subset(trees, f), few)
-    differ = [len(np.setdiff1d(naive_subset(trees, f), R.select_subset(trees, fraction=f).kept_indices)) for f in few]
-    kept = sum(len(R.select_subset(trees, fraction=f).representatives) for f in few)
+    differ = [len(np.setdiff1d(naive_subset(trees, f), cuts.select_subset(trees, fraction=f).kept_indices)) for f in few]
+    kept = sum(len(cuts.select_subset(trees, fraction=f).representatives) for f in few)
     arrays = [t.to_arrays() for t, _, _ in trees.values()]
-    _, restore_s, _ = timed(lambda: [R.ClassTree.from_arrays(a, m) for a, m in arrays])
+    _, restore_s, _ = timed(lambda: [redundancy_trees.ClassTree.from_arrays(a, m) for a, m in arrays])
     report += [
         f"cut by fraction, {n:,} images, {len(trees)} classes, nearest_mean, {len(ours)} moves: median "
         f"{np.median(ours):.1f} ms, p95 {np.percentile(ours, 95):.1f} ms, max {np.max(ours):.1f} ms "
@@ -207,12 +209,12 @@ def bench_large(images: np.ndarray, n_train: int, quick: bool, report: list[str]
                                               for lo in range(0, len(source), n_train))])
     original = np.concatenate([np.full(n_train, -1), source])
     build = {"exact_limit": 5000, "part_size": 2000} if quick else {}
-    tree, seconds, peak = timed(R.build_class_tree, emb, **build)
+    tree, seconds, peak = timed(redundancy_trees.build_class_tree, emb, **build)
     k = n_train
-    grouped = copies_grouped(R.labels_for_k(tree, k), original)
+    grouped = copies_grouped(cuts.labels_for_k(tree, k), original)
     one_class = {0: (tree, emb, np.arange(total))}
-    R.select_subset(one_class, fraction=0.5)  # warm-up
-    cut = latencies_ms(lambda f: R.select_subset(one_class, fraction=f), np.linspace(0.05, 0.95, 19))
+    cuts.select_subset(one_class, fraction=0.5)  # warm-up
+    cut = latencies_ms(lambda f: cuts.select_subset(one_class, fraction=f), np.linspace(0.05, 0.95, 19))
     report += [
         f"large class {total:,} ({n_train:,} real + {total - n_train:,} near copies): build {seconds:.1f} s, "
         f"peak +{peak:.2f} GB, {'exact' if tree.exact else 'approx'}, {tree.meta['n_parts']} parts "
@@ -224,11 +226,11 @@ def bench_large(images: np.ndarray, n_train: int, quick: bool, report: list[str]
 
 
 # -- (d) approximation vs exact -------------------------------------------------------------------
-def removed_distance(tree: R.ClassTree, emb: np.ndarray, k: int) -> float:
+def removed_distance(tree: redundancy_trees.ClassTree, emb: np.ndarray, k: int) -> float:
     """Mean cosine distance of the removed images to their group's nearest_mean representative."""
-    labels = R.labels_for_k(tree, k)
-    reps = R.representatives(tree, emb, labels)
-    unit = R.unit_rows(emb)
+    labels = cuts.labels_for_k(tree, k)
+    reps = cuts.representatives(tree, emb, labels)
+    unit = redundancy_trees.unit_rows(emb)
     removed = np.setdiff1d(np.arange(tree.n), reps)
     if len(removed) == 0:
         return 0.0
@@ -242,21 +244,21 @@ def bench_agreement(images: np.ndarray, labels: np.ndarray, n_train: int, quick:
     original = np.concatenate([np.full(n_orig, -1), np.arange(n_orig)])
     jitter = np.random.default_rng(2).standard_normal(emb.shape).astype(np.float32)
     jittered = emb + 1e-3 * jitter * np.linalg.norm(emb, axis=1, keepdims=True) / np.sqrt(emb.shape[1])
-    exact, exact_s, exact_gb = timed(R.build_class_tree, emb)
-    noisy = R.build_class_tree(jittered)
-    part = n_orig // 3 if quick else R.PART_SIZE
-    approx, approx_s, approx_gb = timed(R.build_class_tree, emb, exact_limit=part, part_size=part)
+    exact, exact_s, exact_gb = timed(redundancy_trees.build_class_tree, emb)
+    noisy = redundancy_trees.build_class_tree(jittered)
+    part = n_orig // 3 if quick else redundancy_trees.PART_SIZE
+    approx, approx_s, approx_gb = timed(redundancy_trees.build_class_tree, emb, exact_limit=part, part_size=part)
     n = exact.n
     report.append(f"agreement on one class of {n:,} ({n_orig:,} real + {n_orig:,} copies): exact {exact_s:.1f} s "
                   f"+{exact_gb:.2f} GB; approx ({approx.meta['n_parts']} parts of <= {part:,}) {approx_s:.1f} s "
                   f"+{approx_gb:.2f} GB")
     report.append("  fraction   ARI(approx,exact)  ARI(exact,exact+0.1% noise)  removed->kept dist exact / approx")
     for f in (0.1, 0.25, 0.5, 0.75, 0.9):
-        k = R.groups_for_fraction(n, f)
-        a, e, j = (R.labels_for_k(t, k) for t in (approx, exact, noisy))
+        k = cuts.groups_for_fraction(n, f)
+        a, e, j = (cuts.labels_for_k(t, k) for t in (approx, exact, noisy))
         report.append(f"  {f:8.2f}   {adjusted_rand_score(e, a):17.3f}  {adjusted_rand_score(e, j):27.3f}  "
                       f"{removed_distance(exact, emb, k):.4f} / {removed_distance(approx, emb, k):.4f}")
-    grouped = [copies_grouped(R.labels_for_k(t, n_orig), original) for t in (exact, approx)]
+    grouped = [copies_grouped(cuts.labels_for_k(t, n_orig), original) for t in (exact, approx)]
     report.append(f"  near copies grouped with their original at k = {n_orig:,}: exact {grouped[0]:.1%}, "
                   f"approx {grouped[1]:.1%}")
     print("\n".join(report[-8:]), flush=True)
@@ -265,10 +267,10 @@ def bench_agreement(images: np.ndarray, labels: np.ndarray, n_train: int, quick:
 # -- (e) duplicates -------------------------------------------------------------------------------
 def bench_duplicates(images: np.ndarray, labels: np.ndarray, report: list[str]) -> None:
     keys, hash_s, _ = timed(lambda: [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in images])
-    groups, group_s, _ = timed(R.exact_duplicates, keys)
+    groups, group_s, _ = timed(checks.exact_duplicates, keys)
     mixed = sum(len(set(labels[g].tolist())) > 1 for g in groups)
     emb = embed(images)
-    rows, seconds, peak = timed(R.cross_class_conflicts, emb, labels)
+    rows, seconds, peak = timed(checks.cross_class_conflicts, emb, labels)
     report += [
         f"exact duplicates (pixel hashes) in {len(images):,}: {len(groups)} groups, {mixed} with mixed labels; "
         f"hash {hash_s:.2f} s + group {group_s * 1e3:.0f} ms",
@@ -300,8 +302,8 @@ def ours_from_pngs(folder: Path, names: list[str]) -> dict[str, list[str]]:
     """Our near-duplicate groups from the PNGs: decode, raw-pixel embedding, one tree, cut at a threshold."""
     pixels = np.stack([np.array(Image.open(folder / name)) for name in names])
     emb = pixels.reshape(len(pixels), -1).astype(np.float32) / 255
-    tree = R.build_class_tree(emb)
-    labels = R.labels_for_threshold(tree, COMPARE_THRESHOLD)
+    tree = redundancy_trees.build_class_tree(emb)
+    labels = cuts.labels_for_threshold(tree, COMPARE_THRESHOLD)
     return {names[i]: [names[j] for j in np.flatnonzero(labels == labels[i]) if j != i] for i in range(len(names))}
 
 

@@ -23,8 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import backbones, config, idx, training  # noqa: E402
-from core.device import autocast, pick_device  # noqa: E402
+from core import config
+from core.data import idx
+from core.device import autocast, pick_device
+from core.embed import backbones
+from core.training import pixels as training_pixels
+from core.training import recipe as training_recipe
 
 TRAIN_TARGET_S = 300.0
 ACCURACY_TARGET = 0.90
@@ -55,7 +59,7 @@ def load_data(quick: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 def train(x_train, y_train, x_test, y_test, device, quick: bool):
     """Train the default backbone; returns the model, its metrics and the wall time of the call."""
     spec = backbones.parse_spec(backbones.DEFAULT_BACKBONE)
-    recipe = training.default_recipe(x_train.shape[1], arch=spec.name)
+    recipe = training_recipe.default_recipe(x_train.shape[1], arch=spec.name)
     if quick:
         recipe = dataclasses.replace(recipe, epochs=1)
     print(f"[train] {spec} on {len(x_train)} images, recipe {recipe.to_dict()}", flush=True)
@@ -96,8 +100,8 @@ def time_bare_forward(model, batches: list[torch.Tensor], device) -> float:
 
 def embed_speed(model, images, batch_size, device, repeats) -> tuple[float, float]:
     """Best-of-`repeats` images/s of `embed_batches` and of the bare forward (interleaved runs)."""
-    pixels = training.pixels_view(images)
-    batches = [training.to_batch(pixels[lo:lo + batch_size], device) for lo in range(0, len(images), batch_size)]
+    pixels = training_pixels.pixels_view(images)
+    batches = [training_pixels.to_batch(pixels[lo:lo + batch_size], device) for lo in range(0, len(images), batch_size)]
     model.to(device).eval()
     time_bare_forward(model, batches[:2], device)  # warm-up
     embed_s, bare_s = [], []

@@ -36,12 +36,14 @@ from timm.models.vision_transformer import PatchEmbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import config, idx, ltrp  # noqa: E402
-from core.mae import (  # noqa: E402
-    MAEConfig, adamw, cosine_lr, init_vit_weights, sincos_pos_embed, train_mae, vit_blocks, with_cls_row,
-)
-from core.device import pick_device  # noqa: E402
-from core.training import channel_stats, pixels_view  # noqa: E402
+from core import config
+from core.data import idx
+from core.device import pick_device
+from core.ltrp import ranker as ltrp_ranker
+from core.ltrp.mae import MAEConfig, train_mae
+from core.ltrp.vit import init_vit_weights, sincos_pos_embed, vit_blocks, with_cls_row
+from core.training.optim import adamw, cosine_lr
+from core.training.pixels import channel_stats, pixels_view
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)
 METHODS = ("ltrp", "random", "variance")
@@ -165,7 +167,7 @@ def random_scores(n: int, num_patches: int, seed: int) -> np.ndarray:
 
 def selections(method: str, scores: dict, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train keep, test keep) int64 `[N, K]` for one selection method at one keep ratio."""
-    return tuple(torch.from_numpy(np.sort(ltrp.top_k(scores[method][part], ratio), axis=1))
+    return tuple(torch.from_numpy(np.sort(ltrp_ranker.top_k(scores[method][part], ratio), axis=1))
                  for part in ("train", "test"))
 
 
@@ -192,9 +194,9 @@ def main() -> int:
     t = time.perf_counter()
     mae, mae_metrics = train_mae(x_train[:args.mae_images], cfg, epochs=args.mae_epochs, seed=args.seed, device=device)
     results["mae"] = {"seconds": time.perf_counter() - t, "loss": mae_metrics["train_loss"]}
-    rcfg = ltrp.RankerConfig.for_mae(mae)
+    rcfg = ltrp_ranker.RankerConfig.for_mae(mae)
     t = time.perf_counter()
-    ranker, r_metrics = ltrp.train_ranker(mae, x_train[-args.ranker_images:], rcfg, epochs=args.ranker_epochs,
+    ranker, r_metrics = ltrp_ranker.train_ranker(mae, x_train[-args.ranker_images:], rcfg, epochs=args.ranker_epochs,
                                           seed=args.seed, eval_images=x_test[:512], device=device)
     results["ranker"] = {"seconds": time.perf_counter() - t, "spearman_before": r_metrics["agreement_before"]["spearman"],
                          "spearman": r_metrics["agreement"]["spearman"], "mask_ratio": r_metrics["mask_ratio"]}
@@ -203,7 +205,7 @@ def main() -> int:
 
     # 2. Patch scores of the classifier's images, and the classifiers.
     xs = {"train": x_train[:args.train_images], "test": x_test}
-    scores = {"ltrp": {k: ltrp.score_maps(ranker, v) for k, v in xs.items()},
+    scores = {"ltrp": {k: ltrp_ranker.score_maps(ranker, v) for k, v in xs.items()},
               "random": {k: random_scores(len(v), 49, args.seed + i) for i, (k, v) in enumerate(xs.items())},
               "variance": {k: variance_scores(v) for k, v in xs.items()}}
     mean, std = channel_stats(xs["train"])
@@ -233,8 +235,8 @@ def main() -> int:
     # 3. Ranker (one forward) against the MAE pseudo-scores, same images.
     n = min(2_000, len(x_test))
     gen = torch.Generator()
-    rank_speed = throughput(lambda: ltrp.score_maps(ranker, x_test[:n]), n)
-    pseudo_speed = throughput(lambda: [ltrp.pseudo_scores(mae, x_test[lo:lo + 256], generator=gen.manual_seed(0))[1]
+    rank_speed = throughput(lambda: ltrp_ranker.score_maps(ranker, x_test[:n]), n)
+    pseudo_speed = throughput(lambda: [ltrp_ranker.pseudo_scores(mae, x_test[lo:lo + 256], generator=gen.manual_seed(0))[1]
                                        .cpu() for lo in range(0, n, 256)], n, repeats=2)
     results["scoring"] = {"images": n, "ranker_images_per_s": rank_speed, "pseudo_images_per_s": pseudo_speed,
                           "ratio": rank_speed / pseudo_speed}

@@ -22,9 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import datasets, embeddings, groups, jobs, subsets  # noqa: E402
-from core.backbones import DEFAULT_BACKBONE  # noqa: E402
-from core.store import get_store  # noqa: E402
+from core import jobs
+from core.data import catalog, scan, sources
+from core.embed import embeddings
+from core.embed.backbones import DEFAULT_BACKBONE
+from core.redundancy import clusterings
+from core.store.db import get_store
+from core.subsets import plan, results, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fractions", default="1,0.9,0.8,0.7,0.5,0.3")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, help="default: the default recipe's")
-    p.add_argument("--budget", default="epochs", choices=subsets.BUDGET_RULES)
+    p.add_argument("--budget", default="epochs", choices=plan.BUDGET_RULES)
     p.add_argument("--limit", type=int, help="first N images of each split (a smoke run)")
     p.add_argument("--out", default=str(ROOT / "docs" / "reproduction.md"))
     return p.parse_args()
@@ -43,17 +47,17 @@ def parse_args() -> argparse.Namespace:
 def prepare(limit: int | None) -> tuple[str, str]:
     """Dataset scanned, backbone trained, every image embedded, trees built (each step reused if done)."""
     store = get_store()
-    name = datasets.register("fashion-mnist", limit=limit)
+    name = sources.register("fashion-mnist", limit=limit)
     t = time.perf_counter()
-    if not len(datasets.images_table(name, store)):
-        datasets.scan(name, store)
-    print(f"dataset {name}: {len(datasets.images_table(name, store)):,} images ({time.perf_counter() - t:.0f} s)")
+    if not len(catalog.images_table(name, store)):
+        scan.scan(name, store)
+    print(f"dataset {name}: {len(catalog.images_table(name, store)):,} images ({time.perf_counter() - t:.0f} s)")
     t = time.perf_counter()
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     print(f"backbone {bid} and embeddings ready ({time.perf_counter() - t:.0f} s)")
     t = time.perf_counter()
-    groups.cluster(name, bid, store=store)
+    clusterings.cluster(name, bid, store=store)
     print(f"complete-linkage trees ready ({time.perf_counter() - t:.0f} s)")
     return name, bid
 
@@ -61,13 +65,13 @@ def prepare(limit: int | None) -> tuple[str, str]:
 def sweep(name: str, bid: str, args) -> float:
     """Run (or finish) the sweep; returns its wall time."""
     recipe = {"epochs": args.epochs} if args.epochs else {}
-    spec = subsets.SweepSpec(fractions=tuple(float(f) for f in args.fractions.split(",")), seeds=args.seeds,
+    spec = plan.SweepSpec(fractions=tuple(float(f) for f in args.fractions.split(",")), seeds=args.seeds,
                              recipe=recipe, budget=args.budget, selection={"backbone_id": bid})
-    est = subsets.estimate(name, spec)
+    est = plan.estimate(name, spec)
     print(f"sweep: {est['runs']} runs, at most {jobs.format_seconds(est['seconds'])} ({est['speed_source']});"
           f" {jobs.max_parallel()} at once")
     t = time.perf_counter()
-    _, job_id = subsets.launch_sweep(name, spec)
+    _, job_id = sweeps.launch_sweep(name, spec)
     last = None
     while (job := jobs.get_job(job_id))["status"] in jobs.ACTIVE:
         line = jobs.describe(job)["text"]
@@ -144,8 +148,8 @@ def plot(table, path: Path) -> bool:
 
 
 def write_report(name: str, args, sweep_s: float, out: Path) -> None:
-    runs = subsets.runs(name)
-    table = subsets.summary(runs)
+    runs = results.runs(name)
+    table = results.summary(runs)
     done = runs[runs.status == "done"]
     devices = sorted(set(done.device.dropna()))
     import torch

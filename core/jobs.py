@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core import config
-from core.store import Store, get_store, to_json
+from core.store.db import Store, get_store, to_json
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 # Modules whose import registers task kinds.
-TASK_MODULES = ("core.datasets", "core.embeddings", "core.groups", "core.subsets", "core.patches")
+TASK_MODULES = ("core.data.scan", "core.embed.embeddings", "core.embed.projection", "core.redundancy.clusterings",
+                "core.subsets.sweeps", "core.ltrp.scoring")
 
 
 class JobCancelled(Exception):

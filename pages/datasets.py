@@ -1,26 +1,28 @@
 """Datasets: add a dataset, see its classes, problem files and images, and embed it."""
 import streamlit as st
 
-from core import datasets, embeddings, jobs
-from core.backbones import DEFAULT_BACKBONE
+from core import jobs
+from core.data import catalog, sources
+from core.embed import embeddings
+from core.embed.backbones import DEFAULT_BACKBONE
 from pages import widgets
 
 widgets.route_through_app()
 
 st.title("Datasets")
 
-with st.expander("Add a dataset", expanded=datasets.list_datasets().empty):
+with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
     demo, own = st.tabs(["Fashion-MNIST demo", "Your images"])
     with demo:
         st.write("70,000 labelled 28x28 images in 10 classes (train 60,000 / test 10,000).")
         limit = st.number_input("Images per split (0 = all)", min_value=0, value=0, step=500, key="demo_limit")
         if st.button("Load the Fashion-MNIST demo", type="primary"):
             try:
-                name = datasets.register(datasets.FASHION_MNIST, limit=int(limit) or None)
+                name = sources.register(sources.FASHION_MNIST, limit=int(limit) or None)
                 jobs.launch("scan", name)
                 st.session_state["dataset"] = name
                 st.rerun()
-            except datasets.DatasetError as exc:
+            except catalog.DatasetError as exc:
                 st.error(str(exc))
     with own:
         st.write("An image folder (`root/<class>/<image>`, optionally under `train/`, `val/`, `test/`), "
@@ -31,11 +33,11 @@ with st.expander("Add a dataset", expanded=datasets.list_datasets().empty):
                                key="source_size")
         if st.button("Add and scan", disabled=not path):
             try:
-                name = datasets.register(path, name or None, image_size=int(size) or None)
+                name = sources.register(path, name or None, image_size=int(size) or None)
                 jobs.launch("scan", name)
                 st.session_state["dataset"] = name
                 st.rerun()
-            except datasets.DatasetError as exc:
+            except catalog.DatasetError as exc:
                 st.error(str(exc))
 
 
@@ -53,7 +55,7 @@ def active_jobs(name: str) -> None:
         widgets.job_status(job)
 
 
-registered = datasets.list_datasets()
+registered = catalog.list_datasets()
 if registered.empty:
     st.stop()
 names = list(registered.name)
@@ -62,13 +64,13 @@ name = st.selectbox("Dataset", names, index=names.index(current) if current in n
 st.session_state["dataset"] = name
 active_jobs(name)
 
-ds = datasets.get_dataset(name)
+ds = catalog.get_dataset(name)
 if ds["scanned_at"] is None:
     st.info("Scanning... the counts appear here when the scan job is done.")
     st.stop()
 
-counts = datasets.class_counts(name)
-problems = datasets.problems_table(name)
+counts = catalog.class_counts(name)
+problems = catalog.problems_table(name)
 skipped = int((problems.severity == "skipped").sum())
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Images", f"{int(counts.total.sum()):,}")
@@ -89,14 +91,14 @@ with right:
         st.dataframe(problems, hide_index=True, height=260)
 
 st.subheader("Images by class")
-table = datasets.images_table(name)
+table = catalog.images_table(name)
 cls = st.selectbox("Class", sorted(table.label.unique()), key="grid_class")
 per_page = 48
 members = table[table.label == cls]
 pages = max(1, -(-len(members) // per_page))
 page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="grid_page") - 1
 shown = members.iloc[page * per_page:(page + 1) * per_page]
-widgets.image_grid(datasets.load_pixels(name), shown.row.to_numpy())
+widgets.image_grid(catalog.load_pixels(name), shown.row.to_numpy())
 
 st.subheader("Embeddings")
 backs = embeddings.list_backbones(name)

@@ -2,7 +2,9 @@
 import plotly.express as px
 import streamlit as st
 
-from core import datasets, embeddings, jobs
+from core import jobs
+from core.data import catalog
+from core.embed import embeddings, projection
 from pages import widgets
 
 widgets.route_through_app()
@@ -18,7 +20,7 @@ def load(name: str, bid: str, embedded: int):
 
 
 table, emb = load(name, bid, n_embedded)
-proj = embeddings.projection(name, bid, table=table)
+proj = projection.projection(name, bid, table=table)
 
 
 @st.fragment(run_every="2s")
@@ -43,7 +45,7 @@ event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box",
 
 points = event.selection.points if event and event.selection else []
 rows = [p["customdata"][0] for p in points]
-pixels = datasets.load_pixels(name)
+pixels = catalog.load_pixels(name)
 by_row = table.reset_index(drop=True)
 position = {r: i for i, r in enumerate(by_row.row)}
 if not rows:
@@ -55,7 +57,7 @@ labels = by_row.set_index("row").label
 widgets.image_grid(pixels, rows[:96], [labels[r] for r in rows[:96]])
 focus = rows[0] if len(rows) == 1 else st.selectbox("Nearest neighbours of", rows[:96],
                                                      format_func=lambda r: f"{by_row.path[position[r]]}")
-idx, dist = embeddings.nearest_neighbours(emb, position[focus], k=12)
+idx, dist = projection.nearest_neighbours(emb, position[focus], k=12)
 st.subheader(f"Nearest neighbours of {by_row.path[position[focus]]} ({labels[focus]})")
 neighbour_rows = by_row.row.to_numpy()[idx]
 widgets.image_grid(pixels, neighbour_rows, [f"{labels[r]} · {d:.3f}" for r, d in zip(neighbour_rows, dist)])

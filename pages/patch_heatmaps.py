@@ -3,7 +3,11 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import datasets, jobs, patches
+from core import jobs
+from core.data import catalog
+from core.ltrp import models as ltrp_models
+from core.ltrp import scoring
+from core.ltrp import view as ltrp_view
 from pages import widgets
 
 widgets.route_through_app()
@@ -20,7 +24,7 @@ def ltrp_jobs() -> None:
     widgets.watch_job(name, "ltrp_score", {}, "ltrp_score_waiting")
 
 
-rankers = patches.list_rankers(name)
+rankers = ltrp_models.list_rankers(name)
 if rankers.empty:
     st.info("No patch ranker for this dataset yet. Training one takes a few minutes on a CPU: an MAE learns to"
             " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
@@ -28,8 +32,8 @@ if rankers.empty:
             f" scored. Command line: `redex ltrp train {name}` (`--checkpoint` takes a pretrained MAE).")
     with st.expander("Settings"):
         a, b, c = st.columns(3)
-        mae_epochs = a.number_input("MAE epochs", 1, 200, patches.LtrpSettings.mae_epochs, key="ltrp_mae_epochs")
-        ranker_epochs = b.number_input("Ranker epochs", 1, 200, patches.LtrpSettings.ranker_epochs,
+        mae_epochs = a.number_input("MAE epochs", 1, 200, ltrp_models.LtrpSettings.mae_epochs, key="ltrp_mae_epochs")
+        ranker_epochs = b.number_input("Ranker epochs", 1, 200, ltrp_models.LtrpSettings.ranker_epochs,
                                        key="ltrp_ranker_epochs")
         mask_ratio = c.number_input(
             "Pseudo-score mask ratio (0 = default)", 0.0, 0.95, 0.0, 0.05, key="ltrp_mask_ratio",
@@ -47,7 +51,7 @@ if rankers.empty:
 rid = st.selectbox("Ranker", list(rankers.model_id), key="ltrp_ranker",
                    help="Newest first. The id names the MAE it learned from, after '<'.")
 ranker_row = rankers[rankers.model_id == rid].iloc[0]
-table = datasets.images_table(name)
+table = catalog.images_table(name)
 unscored = table.image_id.nunique() - int(ranker_row.scored)
 if unscored:
     st.write(f"{unscored:,} images have no stored score map yet (they are scored on the fly here).")
@@ -60,11 +64,11 @@ ltrp_jobs()
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the ranker and its MAE...")
 def models(rid: str, trained_at: str):
-    return patches.load_ranker_model(rid), patches.load_mae_model(rid)
+    return ltrp_models.load_ranker_model(rid), ltrp_models.load_mae_model(rid)
 
 
 ranker, mae = models(rid, str(ranker_row.created_at))  # a retrained ranker (same id) is loaded again
-pixels = datasets.load_pixels(name)
+pixels = catalog.load_pixels(name)
 grid, patch = mae.cfg.grid, mae.cfg.patch_size
 
 group = st.session_state.get("heatmap_group")
@@ -78,7 +82,7 @@ keep_ratio = c2.slider("Keep ratio", 0.05, 1.0, 0.5, 0.05, key="keep_ratio",
                        help="The share of patches kept: the round(ratio × patches) highest-scoring ones.")
 
 
-def heat_figure(view: patches.PatchView) -> go.Figure:
+def heat_figure(view: ltrp_view.PatchView) -> go.Figure:
     """The image with its score map on top; kept patches framed."""
     centres = (np.arange(grid) + 0.5) * patch - 0.5
     rgb = view.original.repeat(3, axis=2) if view.original.shape[2] == 1 else view.original
@@ -103,7 +107,7 @@ def thumbnails(images: list[np.ndarray], captions: list[str], columns: int = 8) 
         cols[i % columns].image(widgets.upscale(img), caption=caption)
 
 
-def pick_one() -> patches.ImageRef:
+def pick_one() -> ltrp_view.ImageRef:
     """The image of the 'One image' view: by class, by content id or path, at random, or from a group."""
     how = st.radio("Pick by", ["class", "content id or path", "random"] + (["redundant group"] if group else []),
                    horizontal=True, key="pick_by")
@@ -119,8 +123,8 @@ def pick_one() -> patches.ImageRef:
         if not ref:
             st.stop()
         try:
-            return patches.resolve_image(name, ref)
-        except datasets.DatasetError as exc:
+            return ltrp_view.resolve_image(name, ref)
+        except catalog.DatasetError as exc:
             st.error(str(exc))
             st.stop()
     elif how == "random":
@@ -130,13 +134,13 @@ def pick_one() -> patches.ImageRef:
     else:
         paths = dict(zip(table.row, table.path))
         row = st.selectbox("Image of the group", group["rows"], format_func=paths.get, key="heat_group_pick")
-    return patches.images_at(name, [row])[0]
+    return ltrp_view.images_at(name, [row])[0]
 
 
 if mode == "One image":
     image = pick_one()
-    scores, stored = patches.image_scores(name, rid, image, ranker)
-    view = patches.patch_view(mae, image.pixels, scores, keep_ratio)
+    scores, stored = scoring.image_scores(name, rid, image, ranker)
+    view = ltrp_view.patch_view(mae, image.pixels, scores, keep_ratio)
     m1, m2, m3 = st.columns(3)
     m1.metric("Kept patches", f"{len(view.keep)} / {view.scores.size}")
     m2.metric("Class", image.label or "—")
@@ -157,19 +161,19 @@ elif mode == "Class grid":
     a, b = st.columns(2)
     label = a.selectbox("Class", sorted(table.label.unique()), key="grid_class")
     count = b.slider("Images", 4, 64, 24, 4, key="grid_count")
-    shown, maps = patches.load_scores(name, rid, label=label)
+    shown, maps = scoring.load_scores(name, rid, label=label)
     st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {label}, each under its"
                " score map (brighter = more informative).")
     shown, maps = shown.head(count), maps[:count]
-    originals = patches.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
-    thumbnails([patches.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
+    originals = ltrp_view.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
+    thumbnails([ltrp_view.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
 else:
     st.subheader(group.get("title", "Redundant group"))
     st.caption("The group's images side by side (from the Redundant groups page): score maps, then the patches"
                f" kept at {keep_ratio:.2f}.")
-    refs = patches.images_at(name, group["rows"])
-    group_views = [patches.patch_view(mae, r.pixels, patches.image_scores(name, rid, r, ranker)[0], keep_ratio)
+    refs = ltrp_view.images_at(name, group["rows"])
+    group_views = [ltrp_view.patch_view(mae, r.pixels, scoring.image_scores(name, rid, r, ranker)[0], keep_ratio)
                    for r in refs]
     captions = [r.path.rsplit("/", 1)[-1] for r in refs]
-    thumbnails([patches.heat_overlay(v.original, v.scores, grid) for v in group_views], captions)
+    thumbnails([ltrp_view.heat_overlay(v.original, v.scores, grid) for v in group_views], captions)
     thumbnails([v.kept for v in group_views], captions)

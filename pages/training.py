@@ -6,10 +6,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import datasets, embeddings, jobs, subsets
-from core.backbones import list_archs
-from core.redundancy import LINKAGES, REPRESENTATIVES
-from core.training import AUGMENTATIONS, OPTIMIZERS, default_recipe
+from core import jobs
+from core.data import catalog
+from core.embed import embeddings
+from core.embed.backbones import list_archs
+from core.redundancy.cuts import REPRESENTATIVES
+from core.redundancy.trees import LINKAGES
+from core.subsets import plan, results, sweeps
+from core.training.recipe import AUGMENTATIONS, OPTIMIZERS, default_recipe
 from pages import widgets
 
 widgets.route_through_app()
@@ -20,18 +24,18 @@ st.caption("Does the subset train a model as good as the full set? Every run tra
 name = widgets.dataset_picker()
 if name is None:
     st.stop()
-ds = datasets.get_dataset(name)
-all_runs = subsets.runs(name)
+ds = catalog.get_dataset(name)
+all_runs = results.runs(name)
 
 with st.expander("New sweep", expanded=all_runs.empty):
     c1, c2, c3 = st.columns([3, 2, 1])
     fractions = c1.multiselect("Fractions", [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
-                               default=list(subsets.DEFAULT_FRACTIONS), key="sweep_fractions",
+                               default=list(plan.DEFAULT_FRACTIONS), key="sweep_fractions",
                                help="1.0 is the full train split (one run per seed, whatever the methods).")
-    methods = c2.multiselect("Methods", subsets.METHODS, default=list(subsets.METHODS), key="sweep_methods",
+    methods = c2.multiselect("Methods", plan.METHODS, default=list(plan.METHODS), key="sweep_methods",
                              help="semantic: one representative per redundant group (the Redundant groups page);"
                                   " random: the same number of images per class, drawn at random.")
-    seeds = c3.number_input("Seeds", 1, 20, subsets.DEFAULT_SEEDS, key="sweep_seeds")
+    seeds = c3.number_input("Seeds", 1, 20, plan.DEFAULT_SEEDS, key="sweep_seeds")
     base = default_recipe(ds["image_size"])
     st.markdown("**Recipe** (saved with every run)")
     r1, r2, r3, r4 = st.columns(4)
@@ -43,7 +47,7 @@ with st.expander("New sweep", expanded=all_runs.empty):
     optimizer = r5.selectbox("Optimiser", OPTIMIZERS, index=OPTIMIZERS.index(base.optimizer), key="sweep_opt")
     augmentation = r6.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
                                 key="sweep_aug")
-    budget = r7.radio("Budget", subsets.BUDGET_RULES, horizontal=True, key="sweep_budget",
+    budget = r7.radio("Budget", plan.BUDGET_RULES, horizontal=True, key="sweep_budget",
                       help="epochs: every run trains the same number of epochs (smaller subsets take fewer steps);"
                            " steps: every run takes as many optimisation steps as the full run.")
     selection = None
@@ -66,30 +70,30 @@ with st.expander("New sweep", expanded=all_runs.empty):
     recipe = {"arch": arch, "epochs": int(epochs), "batch_size": int(batch), "lr": float(lr),
               "optimizer": optimizer, "augmentation": augmentation}
     try:
-        spec = subsets.SweepSpec(fractions=tuple(sorted(fractions, reverse=True)), methods=tuple(methods),
+        spec = plan.SweepSpec(fractions=tuple(sorted(fractions, reverse=True)), methods=tuple(methods),
                                  seeds=int(seeds), recipe=recipe, budget=budget, selection=selection, force=force)
-        est = subsets.estimate(name, spec)
+        est = plan.estimate(name, spec)
         st.info(f"{est['runs']} runs, {est['images']:,} training images to process: about "
                 f"**{jobs.format_seconds(est['seconds'])}** at {est['images_per_s']:,.0f} images/s"
                 f" ({est['speed_source']}), {est['parallel']} run(s) at once (REDEX_MAX_JOBS)."
                 " Identical finished runs are reused and take no time.")
         if st.button("Launch sweep", type="primary", key="launch_sweep"):
-            sweep_id, job_id = subsets.launch_sweep(name, spec)
+            sweep_id, job_id = sweeps.launch_sweep(name, spec)
             st.toast(f"sweep {sweep_id} started (job {job_id})")
             st.rerun()
-    except (subsets.SubsetTrainingError, ValueError) as exc:
+    except (plan.SubsetTrainingError, ValueError) as exc:
         st.error(str(exc))
 
 
 @st.fragment(run_every="2s")
 def live() -> None:
-    df = subsets.runs(name)
-    for sweep in subsets.active_sweeps(name):
+    df = results.runs(name)
+    for sweep in sweeps.active_sweeps(name):
         c1, c2 = st.columns([5, 1])
         info = jobs.describe(sweep)
         c1.progress(info["fraction"] or 0.0, text=f"sweep {sweep['sweep_id']} · {info['text']}")
         if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep['sweep_id']}"):
-            subsets.cancel_sweep(sweep["sweep_id"])
+            sweeps.cancel_sweep(sweep["sweep_id"])
             st.rerun(scope="app")
     for job_id in df.job_id[df.status == "running"].dropna():
         job = jobs.get_job(int(job_id))
@@ -108,7 +112,7 @@ def live() -> None:
                                     "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
                                     "seconds": st.column_config.NumberColumn(format="%.0f")})
         if (df.status.isin(["failed", "cancelled"])).any() and st.button("Retry failed runs", key="retry"):
-            subsets.retry(name)
+            sweeps.retry(name)
             st.rerun(scope="app")
     finished = int((df.status == "done").sum())
     if st.session_state.setdefault("runs_finished", finished) != finished:
@@ -134,7 +138,7 @@ def describe_recipe(tag: str) -> str:
 
 
 tag = st.selectbox("Recipe", tags, format_func=describe_recipe, key="results_recipe") if len(tags) > 1 else tags[0]
-table = subsets.summary(all_runs, tag)
+table = results.summary(all_runs, tag)
 fig = go.Figure()
 full = table[table.method == "full"]
 if not full.empty:
@@ -142,7 +146,7 @@ if not full.empty:
     fig.add_hrect(y0=100 * (f.top1_mean - f.top1_std), y1=100 * (f.top1_mean + f.top1_std), line_width=0,
                   fillcolor="gray", opacity=0.15)
     fig.add_hline(y=100 * f.top1_mean, line_dash="dash", line_color="gray",
-                  annotation_text=f"full set {subsets.format_pm(f.top1_mean, f.top1_std, f.seeds)}")
+                  annotation_text=f"full set {results.format_pm(f.top1_mean, f.top1_std, f.seeds)}")
 for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
     rows = table[table.method == method].sort_values("n_train")
     if not full.empty:
@@ -157,7 +161,7 @@ for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
 fig.update_layout(xaxis_title="training images (subset size)", yaxis_title="test top-1 accuracy (%)",
                   legend_title="subset", height=460)
 st.plotly_chart(fig, key="accuracy_plot")
-st.dataframe(subsets.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
+st.dataframe(results.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
              hide_index=True, key="summary_table")
 
 st.subheader("Per-class accuracy against the full set")
@@ -168,7 +172,7 @@ else:
     key = st.selectbox("Run", list(choices.run_key), key="delta_run",
                        format_func=lambda k: (lambda r: f"{r.method} {r.fraction:g} seed {r.seed} · "
                                               f"{100 * r.test_top1:.2f} %")(choices[choices.run_key == k].iloc[0]))
-    deltas = subsets.per_class_deltas(name, key)
+    deltas = results.per_class_deltas(name, key)
     if "delta" in deltas:
         fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
                      color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})

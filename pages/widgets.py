@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core import datasets, embeddings, jobs
+from core import jobs
+from core.data import catalog
+from core.embed import embeddings
 
 
 def route_through_app() -> None:
@@ -24,7 +26,7 @@ def route_through_app() -> None:
 
 def dataset_picker(key: str = "dataset_picker") -> str | None:
     """A select box of scanned datasets; remembers the choice across pages."""
-    df = datasets.list_datasets()
+    df = catalog.list_datasets()
     names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []
     if not names:
         st.info("No dataset yet. Add one on the **Datasets** page (one click loads the Fashion-MNIST demo).")

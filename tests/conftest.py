@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import config, store as store_mod
-from core.idx import load_fashion_mnist
+from core import config
+from core.data.idx import load_fashion_mnist
+from core.store import db
 
 
 @pytest.fixture
@@ -24,20 +25,20 @@ def cache(tmp_path, monkeypatch) -> Path:
     """A fresh REDEX_CACHE for this test (child processes inherit it)."""
     path = tmp_path / "cache"
     monkeypatch.setenv("REDEX_CACHE", str(path))
-    store_mod._stores.clear()
+    db._stores.clear()
     yield config.cache_dir()
     if (path / "redex.duckdb").exists():  # no job of a test outlives it, even when the test failed
         from core import jobs
-        store = store_mod.get_store()
+        store = db.get_store()
         for job in jobs.list_jobs(store):
             if job["status"] in jobs.ACTIVE:
                 jobs.cancel(job["id"], store, wait_s=5)
-    store_mod._stores.clear()
+    db._stores.clear()
 
 
 @pytest.fixture
 def store(cache):
-    return store_mod.get_store()
+    return db.get_store()
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +78,15 @@ def embedded_demo(cache: Path, monkeypatch, limit: int = 100):
     """In `cache` (the store a test server will use): Fashion-MNIST, the first `limit` images of each
     split, scanned and embedded by a one-epoch default backbone. Returns (store, name, backbone id);
     the caller clears `store._stores` when it is done with the store."""
-    from core import datasets, embeddings
-    from core.backbones import DEFAULT_BACKBONE
+    from core.data import scan, sources
+    from core.embed import embeddings
+    from core.embed.backbones import DEFAULT_BACKBONE
 
     monkeypatch.setenv("REDEX_CACHE", str(cache))
-    store_mod._stores.clear()
-    store = store_mod.get_store()
-    name = datasets.register("fashion-mnist", limit=limit, store=store)
-    datasets.scan(name, store)
+    db._stores.clear()
+    store = db.get_store()
+    name = sources.register("fashion-mnist", limit=limit, store=store)
+    scan.scan(name, store)
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     return store, name, bid

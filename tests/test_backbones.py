@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import backbones, config, idx, training
-from core.backbones import BackboneUnavailable
+from core import config
+from core.data import idx
+from core.embed import backbones, timm_models
+from core.embed.timm_models import BackboneUnavailable
+from core.training import classifier, loop
+from core.training import recipe as training_recipe
 
 SPEC = backbones.DEFAULT_BACKBONE
 ARCH = backbones.parse_spec(SPEC).name
@@ -32,8 +36,8 @@ def fmnist() -> tuple[np.ndarray, np.ndarray]:
     return images[:1200, :, :, None], labels[:1200]
 
 
-def quick_recipe(**overrides) -> training.Recipe:
-    base = training.default_recipe(28, arch=ARCH)
+def quick_recipe(**overrides) -> training_recipe.Recipe:
+    base = training_recipe.default_recipe(28, arch=ARCH)
     return dataclasses.replace(base, **{"epochs": 1, "batch_size": 32, "augmentation": "none", **overrides})
 
 
@@ -163,7 +167,7 @@ def test_should_stop_cancels(fmnist):
         polls.append(1)
         return True
 
-    with pytest.raises(training.TrainingCancelled):
+    with pytest.raises(loop.TrainingCancelled):
         backbones.train_backbone(SPEC, images, labels, 10, recipe=quick_recipe(epochs=50), device="cpu",
                                  should_stop=stop)
     assert len(polls) == 1
@@ -171,16 +175,16 @@ def test_should_stop_cancels(fmnist):
 
 def test_recipe_round_trips_through_json_dict():
     recipe = quick_recipe(optimizer="adamw", lr=1e-3, budget="steps", steps=100)
-    assert training.Recipe.from_dict(recipe.to_dict()) == recipe
+    assert training_recipe.Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="augmentation"):
         quick_recipe(augmentation="mixup")
     with pytest.raises(ValueError, match="unknown recipe fields"):
-        training.Recipe.from_dict({**recipe.to_dict(), "lr_typo": 1})
+        training_recipe.Recipe.from_dict({**recipe.to_dict(), "lr_typo": 1})
 
 
 def test_flip_crop_keeps_pixels_and_shifts_within_padding():
     x = torch.arange(4 * 6 * 6, dtype=torch.uint8).view(4, 1, 6, 6) + 1
-    out = training.flip_crop(x, 1, torch.Generator().manual_seed(0))
+    out = classifier.flip_crop(x, 1, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8 and not torch.equal(out, x)
     for src, dst in zip(x, out):
         inner = dst[0, 1:-1, 1:-1]  # always inside the source image with padding 1
@@ -208,12 +212,12 @@ def test_timm_without_weights_is_unavailable_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torchhub"))
     start = time.monotonic()
     with pytest.raises(BackboneUnavailable) as err:
-        backbones.load_timm("resnet18")
+        timm_models.load_timm("resnet18")
     assert time.monotonic() - start < 10
     message = str(err.value)
     assert "--checkpoint" in message and "resnet18" in message and "HF cache" in message
     with pytest.raises(BackboneUnavailable, match="no such file"):
-        backbones.load_timm("resnet18", checkpoint=tmp_path / "missing.pth")
+        timm_models.load_timm("resnet18", checkpoint=tmp_path / "missing.pth")
 
 
 def test_timm_from_local_checkpoint_embeds_grayscale(tmp_path, fmnist):
@@ -222,7 +226,7 @@ def test_timm_from_local_checkpoint_embeds_grayscale(tmp_path, fmnist):
     source = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
-    model = backbones.load_timm("resnet18", checkpoint=path)
+    model = timm_models.load_timm("resnet18", checkpoint=path)
     feats = embed_all(model, fmnist[0][:4], batch_size=2)
     assert feats.shape == (4, 512) and model.embed_dim == 512
     torch.testing.assert_close(model.model.conv1.weight, source.conv1.weight)

@@ -25,12 +25,13 @@ def test_load_demo_and_embed_in_the_browser(server, page, tmp_path, monkeypatch)
     table.wait_for()
     # The embeddings table lists the new backbone with all 600 images embedded.
     page.get_by_text("Embeddings").first.wait_for()
-    from core import embeddings, store as store_mod
+    from core.embed import embeddings
+    from core.store import db
 
     monkeypatch.setenv("REDEX_CACHE", str(tmp_path / "cache"))
-    store_mod._stores.clear()
+    db._stores.clear()
     backs = embeddings.list_backbones("fashion-mnist-300")
-    store_mod._stores.clear()
+    db._stores.clear()
     assert list(backs.embedded) == [600]
 
     # Redundant groups: build the trees, then move the fraction slider and watch the counts follow.

@@ -9,16 +9,18 @@ pytestmark = e2e_marks
 @pytest.fixture
 def embedded(tmp_path, monkeypatch):
     """Fashion-MNIST (100 images per split) embedded in the cache the server will use."""
-    from core import store as store_mod
+    from core.store import db
 
     _, name, _ = embedded_demo(tmp_path / "cache", monkeypatch)
-    store_mod._stores.clear()
+    db._stores.clear()
     return name
 
 
 def test_one_epoch_sweep_survives_an_app_restart(embedded, page, tmp_path):
-    from core import datasets, store as store_mod, subsets
-    from core.redundancy import groups_for_fraction
+    from core.data import catalog
+    from core.redundancy.cuts import groups_for_fraction
+    from core.store import db
+    from core.subsets import results
 
     proc, url = start_server(tmp_path / "cache")
     try:
@@ -54,11 +56,11 @@ def test_one_epoch_sweep_survives_an_app_restart(embedded, page, tmp_path):
         page.screenshot(path=str(tmp_path / "training-done.png"), full_page=True)
     finally:
         stop_server(proc)
-    store_mod._stores.clear()
-    store = store_mod.get_store()
-    runs = subsets.runs(embedded, store)
-    counts = datasets.images_table(embedded, store, split="train").label.value_counts()
-    store_mod._stores.clear()
+    db._stores.clear()
+    store = db.get_store()
+    runs = results.runs(embedded, store)
+    counts = catalog.images_table(embedded, store, split="train").label.value_counts()
+    db._stores.clear()
     assert sorted(runs.method) == ["random", "semantic"] and set(runs.status) == {"done"}
     expected = sum(groups_for_fraction(int(n), 0.5) for n in counts)  # k_c = max(1, round(0.5 * n_c))
     assert set(runs.n_train) == {expected} and runs.test_top1.between(0, 1).all()

@@ -5,14 +5,16 @@ import time
 
 import numpy as np
 
-from core.backbones import DEFAULT_BACKBONE
-from core import datasets, embeddings, jobs
+from core import jobs
 from core.cli import main as cli
+from core.data import catalog, scan, sources
+from core.embed import embeddings, projection
+from core.embed.backbones import DEFAULT_BACKBONE
 
 
 def test_embed_resumes_after_a_kill_and_matches_an_uninterrupted_run(store, monkeypatch):
-    name = datasets.register("fashion-mnist", limit=2500)
-    datasets.scan(name, store)
+    name = sources.register("fashion-mnist", limit=2500)
+    scan.scan(name, store)
     # Train the backbone once (cached), so the killed job below is killed while embedding.
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     monkeypatch.setenv("REDEX_EMBED_CHUNK", "250")
@@ -47,13 +49,13 @@ def test_embed_resumes_after_a_kill_and_matches_an_uninterrupted_run(store, monk
 def test_changed_file_invalidates_only_its_own_embedding(store, image_folder, fmnist_test):
     from tests.conftest import png_bytes
 
-    name = datasets.register(str(image_folder), "inv")
-    datasets.scan(name, store)
+    name = sources.register(str(image_folder), "inv")
+    scan.scan(name, store)
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     assert embeddings.embed_dataset(name, model, bid, store=store)["embedded"] == 60
-    path = datasets.images_table(name, store).path.iloc[0]
+    path = catalog.images_table(name, store).path.iloc[0]
     (image_folder / path).write_bytes(png_bytes(255 - fmnist_test[0][0]))
-    datasets.scan(name, store)
+    scan.scan(name, store)
     again = embeddings.embed_dataset(name, model, bid, store=store)
     assert (again["embedded"], again["reused"]) == (1, 59)
     # The cached backbone is reused, not trained again.
@@ -62,16 +64,16 @@ def test_changed_file_invalidates_only_its_own_embedding(store, image_folder, fm
 
 
 def test_cli_embed_project_and_neighbours(store, image_folder, capsys):
-    name = datasets.register(str(image_folder), "cli")
-    datasets.scan(name, store)
+    name = sources.register(str(image_folder), "cli")
+    scan.scan(name, store)
     assert cli(["embed", name, "--epochs", "2"]) == 0
     backs = embeddings.list_backbones(name, store)
     assert list(backs.embedded) == [60] and backs.dim.iloc[0] == 64
     assert cli(["project", name]) == 0
-    proj = embeddings.projection(name, backs.backbone_id.iloc[0], store)
+    proj = projection.projection(name, backs.backbone_id.iloc[0], store)
     assert proj is not None and len(proj) == 60 and np.isfinite(proj[["x", "y"]].to_numpy()).all()
     table, emb = embeddings.load_embeddings(name, backs.backbone_id.iloc[0], store)
-    idx, dist = embeddings.nearest_neighbours(emb, 0, k=5)
+    idx, dist = projection.nearest_neighbours(emb, 0, k=5)
     assert 0 not in idx and len(idx) == 5 and np.all(np.diff(dist) >= 0)
     brute = 1 - (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (emb[0] / np.linalg.norm(emb[0]))
     brute[0] = np.inf

@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.backbones import DEFAULT_BACKBONE
-from core import datasets, embeddings, groups
 from core.cli import main as cli
+from core.data import scan, sources
+from core.embed import embeddings
+from core.embed.backbones import DEFAULT_BACKBONE
+from core.redundancy import clusterings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +24,8 @@ def clustered(store, image_folder):
     from PIL import Image
     Image.open(src).save(image_folder / "train" / "class0" / "recoded.bmp")
     shutil.copy(src, image_folder / "train" / "class1" / "mislabelled.png")
-    name = datasets.register(str(image_folder), "grp")
-    datasets.scan(name, store)
+    name = sources.register(str(image_folder), "grp")
+    scan.scan(name, store)
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     assert cli(["cluster", name]) == 0
@@ -32,12 +34,12 @@ def clustered(store, image_folder):
 
 def test_subset_counts_and_export(clustered, tmp_path, capsys):
     name, bid, _ = clustered
-    c = groups.load_clustering(name, bid)
+    c = clusterings.load_clustering(name, bid)
     assert sorted(c.classes) == ["class0", "class1", "class2"]
-    s = groups.subset(c, fraction=0.5)
+    s = clusterings.subset(c, fraction=0.5)
     for row in s.per_class:
         assert row["kept"] == max(1, round(0.5 * row["images"]))
-    frame = groups.subset_frame(c, s)
+    frame = clusterings.subset_frame(c, s)
     assert set(frame.split) == {"train"}  # the test split is not part of the subset
     assert (frame.groupby("group").kept.sum() == 1).all()  # exactly one kept per group
     assert cli(["subset", name, "--fraction", "0.5", "--out", str(tmp_path / "s.parquet")]) == 0
@@ -51,36 +53,36 @@ def test_subset_counts_and_export(clustered, tmp_path, capsys):
 
 def test_threshold_mode_reports_the_fraction(clustered):
     name, bid, _ = clustered
-    c = groups.load_clustering(name, bid)
-    everything = groups.subset(c, threshold=0.0)
-    nothing = groups.subset(c, threshold=2.0)
+    c = clusterings.load_clustering(name, bid)
+    everything = clusterings.subset(c, threshold=0.0)
+    nothing = clusterings.subset(c, threshold=2.0)
     assert len(nothing.representatives) == len(c.classes)  # one group per class at distance 2
-    assert everything.kept_fraction >= groups.subset(c, threshold=0.2).kept_fraction >= nothing.kept_fraction
+    assert everything.kept_fraction >= clusterings.subset(c, threshold=0.2).kept_fraction >= nothing.kept_fraction
 
 
 def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, image_folder, fmnist_test):
     from tests.conftest import png_bytes
 
     name, bid, _ = clustered
-    assert groups.cluster(name, bid, store=store) == {"backbone_id": bid, "linkage": "complete", "built": 0,
+    assert clusterings.cluster(name, bid, store=store) == {"backbone_id": bid, "linkage": "complete", "built": 0,
                                                      "reused": 3, "images": 48}
     (image_folder / "train" / "class2" / "new.png").write_bytes(png_bytes(fmnist_test[0][900]))
-    datasets.scan(name, store)
+    scan.scan(name, store)
     model, _ = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     with pytest.raises(ValueError, match="class2.*out of date"):
-        groups.load_clustering(name, bid)
-    result = groups.cluster(name, bid, store=store)
+        clusterings.load_clustering(name, bid)
+    result = clusterings.cluster(name, bid, store=store)
     assert (result["built"], result["reused"]) == (1, 2)  # only the changed class
 
 
 def test_duplicates_and_label_conflicts(clustered):
     name, bid, original = clustered
-    dups = groups.duplicates(name)
+    dups = clusterings.duplicates(name)
     by_kind = {k: set(g.path) for k, g in dups.groupby("kind")}
     assert by_kind["identical bytes"] == {original, "train/class0/bytecopy.png", "train/class1/mislabelled.png"}
     assert "train/class0/recoded.bmp" in by_kind["identical pixels"]
-    conflicts = groups.label_conflicts(name, bid, threshold=1e-4)
+    conflicts = clusterings.label_conflicts(name, bid, threshold=1e-4)
     pairs = {frozenset((a, b)) for a, b in zip(conflicts.path_a, conflicts.path_b)}
     assert frozenset((original, "train/class1/mislabelled.png")) in pairs
     assert (conflicts.label_a != conflicts.label_b).all()

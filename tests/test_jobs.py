@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from core import datasets, jobs
-from core.store import Store
+from core import jobs
+from core.data import scan, sources
+from core.store.db import Store
 
 
 def wait_for(predicate, timeout=120, poll=0.1):
@@ -23,13 +24,13 @@ def wait_for(predicate, timeout=120, poll=0.1):
 
 @pytest.fixture
 def small_fmnist(store):
-    name = datasets.register("fashion-mnist", limit=1000)
-    datasets.scan(name, store)
+    name = sources.register("fashion-mnist", limit=1000)
+    scan.scan(name, store)
     return name
 
 
 def test_scan_job_runs_in_its_own_process_and_reports(store, image_folder):
-    name = datasets.register(str(image_folder), "jobscan")
+    name = sources.register(str(image_folder), "jobscan")
     job_id = jobs.launch("scan", name, store=store)
     job = jobs.wait(job_id, store, timeout=120)
     assert job["status"] == "done"

@@ -12,11 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import ltrp
-from core.mae import (
-    MAEConfig, MAEHasNoDecoder, MaskedAutoencoder, evaluate_mae, isolation_attn_mask, load_mae,
-    load_official_mae, random_visible_idx, reconstruct, save_mae, train_mae, visible_mask,
+from core.ltrp import ranker as ltrp_ranker
+from core.ltrp.mae import (
+    MAEConfig,
+    MAEHasNoDecoder,
+    MaskedAutoencoder,
+    evaluate_mae,
+    load_mae,
+    load_official_mae,
+    reconstruct,
+    save_mae,
+    train_mae,
 )
+from core.ltrp.vit import isolation_attn_mask, random_visible_idx, visible_mask
 
 TINY = MAEConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, heads=2,
                  decoder_embed_dim=32, decoder_depth=2, decoder_heads=2)
@@ -105,7 +113,7 @@ def _scores_by_removing_tokens(mae: MaskedAutoencoder, x: torch.Tensor, visible_
 def test_vectorised_pseudo_scores_equal_a_slow_loop(trained_mae, fmnist_test):
     images = fmnist_test[0][2000:2006]
     gen = torch.Generator().manual_seed(3)
-    visible_idx, scores = ltrp.pseudo_scores(trained_mae, images, mask_ratio=0.8, generator=gen)
+    visible_idx, scores = ltrp_ranker.pseudo_scores(trained_mae, images, mask_ratio=0.8, generator=gen)
 
     assert visible_idx.shape == scores.shape == (6, 9)  # int(49 * 0.2) = 9 visible
     assert (visible_idx.diff(dim=1) > 0).all()  # sorted, distinct
@@ -122,7 +130,7 @@ def test_pseudo_scores_use_masked_patches_only():
     b, v, num_patches, p = 3, 5, 16, 4
     preds = torch.randn(b, v + 1, num_patches, p)
     visible_idx = random_visible_idx(b, num_patches, v, torch.Generator().manual_seed(1))
-    scores = ltrp.ablation_scores(preds, visible_idx)
+    scores = ltrp_ranker.ablation_scores(preds, visible_idx)
 
     at_visible = preds.clone()
     at_masked = preds.clone()
@@ -130,8 +138,8 @@ def test_pseudo_scores_use_masked_patches_only():
         at_visible[i][:, visible_idx[i]] += torch.randn(v + 1, v, p)
         masked = (~visible_mask(visible_idx[i:i + 1], num_patches))[0].nonzero().squeeze(1)
         at_masked[i][:v, masked[0]] += 1.0  # one masked patch of the ablated decodings
-    torch.testing.assert_close(ltrp.ablation_scores(at_visible, visible_idx), scores, rtol=0, atol=0)
-    assert not torch.allclose(ltrp.ablation_scores(at_masked, visible_idx), scores)
+    torch.testing.assert_close(ltrp_ranker.ablation_scores(at_visible, visible_idx), scores, rtol=0, atol=0)
+    assert not torch.allclose(ltrp_ranker.ablation_scores(at_masked, visible_idx), scores)
     # and it is the mean absolute difference to the anchor (last row)
     i, j = 1, 2
     masked = ~visible_mask(visible_idx, num_patches)[i]
@@ -141,7 +149,7 @@ def test_pseudo_scores_use_masked_patches_only():
 
 def test_pseudo_scores_need_two_visible_patches():
     with pytest.raises(ValueError, match="visible"):
-        ltrp.pseudo_scores(tiny_mae(), np.zeros((2, 28, 28, 1), np.uint8), mask_ratio=0.99,
+        ltrp_ranker.pseudo_scores(tiny_mae(), np.zeros((2, 28, 28, 1), np.uint8), mask_ratio=0.99,
                            generator=torch.Generator().manual_seed(0))
 
 
@@ -159,8 +167,8 @@ def test_list_mle_matches_the_formula():
     torch.manual_seed(0)
     pred, target = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     expected = np.mean([_list_mle_by_formula(p.tolist(), t.tolist()) for p, t in zip(pred, target)])
-    assert ltrp.list_mle(pred, target).item() == pytest.approx(expected, rel=1e-6)
-    big = ltrp.list_mle(pred * 1000, target)  # numerically stable
+    assert ltrp_ranker.list_mle(pred, target).item() == pytest.approx(expected, rel=1e-6)
+    big = ltrp_ranker.list_mle(pred * 1000, target)  # numerically stable
     assert torch.isfinite(big)
 
 
@@ -170,12 +178,12 @@ def test_list_mle_is_lowest_for_the_true_order():
     true_order = target[0].argsort(descending=True)
     best = torch.empty(5)
     best[true_order] = values  # the highest pred on the highest target, and so on
-    best_loss = ltrp.list_mle(best[None], target).item()
+    best_loss = ltrp_ranker.list_mle(best[None], target).item()
     for perm in itertools.permutations(range(5)):
         pred = values[list(perm)][None]
         if torch.equal(pred[0], best):
             continue
-        assert ltrp.list_mle(pred, target).item() > best_loss + 1e-6
+        assert ltrp_ranker.list_mle(pred, target).item() > best_loss + 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,27 +195,27 @@ def test_top_k_returns_exactly_round_kr_l_highest_indices():
     scores = rng.normal(size=(3, 49))
     for kr in (0.01, 0.1, 0.25, 0.5, 0.75, 1.0):
         k = max(1, round(kr * 49))
-        idx = ltrp.top_k(scores, kr)
+        idx = ltrp_ranker.top_k(scores, kr)
         assert idx.shape == (3, k)
         for row, s in zip(idx, scores):
             assert len(set(row.tolist())) == k
             assert np.all(np.diff(s[row]) <= 0)  # highest first
             assert s[row].min() >= np.delete(s, row).max(initial=-np.inf)
-    single = ltrp.top_k(scores[0], 0.25)
+    single = ltrp_ranker.top_k(scores[0], 0.25)
     assert single.shape == (12,) and single[0] == scores[0].argmax()
     with pytest.raises(ValueError):
-        ltrp.top_k(scores, 0.0)
+        ltrp_ranker.top_k(scores, 0.0)
 
 
 def test_score_map_image_is_row_major():
-    heat = ltrp.score_map_image(np.arange(12), (3, 4))
+    heat = ltrp_ranker.score_map_image(np.arange(12), (3, 4))
     assert heat.dtype == np.float32 and heat.shape == (3, 4) and heat[1, 0] == 4 and heat[2, 3] == 11
 
 
 def test_ranker_scores_visible_patches_as_in_the_full_image_forward():
     torch.manual_seed(0)
-    for head in ltrp.HEADS:
-        ranker = ltrp.Ranker(ltrp.RankerConfig(head=head, **TINY_RANKER)).eval()
+    for head in ltrp_ranker.HEADS:
+        ranker = ltrp_ranker.Ranker(ltrp_ranker.RankerConfig(head=head, **TINY_RANKER)).eval()
         x = torch.rand(2, 1, 28, 28) * 255
         all_visible = torch.arange(49).expand(2, -1)
         with torch.no_grad():
@@ -220,27 +228,27 @@ def test_ranker_scores_visible_patches_as_in_the_full_image_forward():
 def test_ranker_training_is_deterministic_and_improves_agreement(trained_mae, fmnist_test, tmp_path):
     images = fmnist_test[0][:768]
     held_out = fmnist_test[0][5000:5256]
-    config = ltrp.RankerConfig.for_mae(trained_mae, **TINY_RANKER)
+    config = ltrp_ranker.RankerConfig.for_mae(trained_mae, **TINY_RANKER)
     kwargs = dict(epochs=2, batch_size=64, lr=2e-3, mask_ratio=0.75, seed=1, eval_images=held_out, device="cpu")
-    ranker, metrics = ltrp.train_ranker(trained_mae, images, config, **kwargs)
+    ranker, metrics = ltrp_ranker.train_ranker(trained_mae, images, config, **kwargs)
 
     before, after = metrics["agreement_before"]["spearman"], metrics["agreement"]["spearman"]
     assert after > before + 0.3, metrics  # measured over 3 seeds: +0.43 to +0.61 after these 24 steps
     assert metrics["agreement"]["kendall"] > metrics["agreement_before"]["kendall"]
 
-    maps = ltrp.score_maps(ranker, fmnist_test[0][:20], batch_size=8)
+    maps = ltrp_ranker.score_maps(ranker, fmnist_test[0][:20], batch_size=8)
     assert maps.shape == (20, 49) and maps.dtype == np.float32
     short = {**kwargs, "epochs": 1, "eval_images": held_out[:8]}
-    again, _ = ltrp.train_ranker(trained_mae, images[:128], config, **short)
-    again_twice, _ = ltrp.train_ranker(trained_mae, images[:128], config, **short)
-    np.testing.assert_array_equal(ltrp.score_maps(again, fmnist_test[0][:20]),
-                                  ltrp.score_maps(again_twice, fmnist_test[0][:20]))
+    again, _ = ltrp_ranker.train_ranker(trained_mae, images[:128], config, **short)
+    again_twice, _ = ltrp_ranker.train_ranker(trained_mae, images[:128], config, **short)
+    np.testing.assert_array_equal(ltrp_ranker.score_maps(again, fmnist_test[0][:20]),
+                                  ltrp_ranker.score_maps(again_twice, fmnist_test[0][:20]))
 
     path = tmp_path / "ranker.pt"
-    ltrp.save_ranker(ranker, path, {"kind": "test"})
-    loaded, meta = ltrp.load_ranker(path)
+    ltrp_ranker.save_ranker(ranker, path, {"kind": "test"})
+    loaded, meta = ltrp_ranker.load_ranker(path)
     assert meta == {"kind": "test"}
-    np.testing.assert_array_equal(ltrp.score_maps(loaded, fmnist_test[0][:20]), maps)
+    np.testing.assert_array_equal(ltrp_ranker.score_maps(loaded, fmnist_test[0][:20]), maps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,9 +399,9 @@ def test_pseudo_scores_stay_full_precision_inside_autocast(trained_mae, fmnist_t
     mae = trained_mae.to("cuda")
     try:
         x = torch.from_numpy(np.array(fmnist_test[0][:256])).float()[:, None].cuda()
-        exact = ltrp.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
+        exact = ltrp_ranker.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            inside = ltrp.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
+            inside = ltrp_ranker.pseudo_scores(mae, x, mask_ratio=0.75, generator=torch.Generator().manual_seed(3))[1]
         assert inside.dtype == torch.float32
         torch.testing.assert_close(inside, exact)
     finally:

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.backbones import DEFAULT_BACKBONE
-from core import datasets, embeddings, jobs
+from core import jobs
+from core.data import catalog, scan, sources
+from core.embed import embeddings, projection
+from core.embed.backbones import DEFAULT_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +25,8 @@ def scanned(store, image_folder, fmnist_test):
     from tests.test_datasets import write_bad_files
 
     write_bad_files(image_folder, fmnist_test[0][0])
-    name = datasets.register(str(image_folder), "pages")
-    datasets.scan(name, store)
+    name = sources.register(str(image_folder), "pages")
+    scan.scan(name, store)
     return name
 
 
@@ -50,7 +52,7 @@ def test_datasets_page_demo_button_registers_and_scans(store):
     rows = jobs.list_jobs(store)
     assert rows[0]["kind"] == "scan" and rows[0]["dataset"] == "fashion-mnist-50"
     assert jobs.wait(rows[0]["id"], store)["status"] == "done"
-    assert len(datasets.images_table("fashion-mnist-50", store)) == 100
+    assert len(catalog.images_table("fashion-mnist-50", store)) == 100
 
 
 def test_datasets_page_shows_counts_problems_and_images(scanned):
@@ -77,7 +79,7 @@ def test_embedding_map_without_and_with_a_map(embedded, store):
     at = run_page("pages/embedding_map.py", dataset=name)
     assert not at.exception
     assert any(b.label == "Compute the UMAP map" for b in at.button)
-    embeddings.compute_projection(name, bid, store=store)
+    projection.compute_projection(name, bid, store=store)
     at = run_page("pages/embedding_map.py", dataset=name)
     assert not at.exception
     assert len(at.get("plotly_chart")) == 1

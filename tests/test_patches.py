@@ -10,9 +10,13 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import datasets, jobs, patches
+from core import jobs
 from core.cli import main as cli
-from core.mae import MAEConfig, MaskedAutoencoder
+from core.data import catalog, scan, sources
+from core.ltrp import models as ltrp_models
+from core.ltrp import scoring
+from core.ltrp import view as ltrp_view
+from core.ltrp.mae import MAEConfig, MaskedAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"mae_epochs": 1, "ranker_epochs": 1, "mae_batch": 64, "ranker_batch": 64,
@@ -33,21 +37,21 @@ def one_thread():
 @pytest.fixture
 def fmnist(store):
     """Fashion-MNIST, the first 100 images of each split, scanned into this test's store."""
-    name = datasets.register("fashion-mnist", limit=100, store=store)
-    datasets.scan(name, store)
+    name = sources.register("fashion-mnist", limit=100, store=store)
+    scan.scan(name, store)
     return name
 
 
 @pytest.fixture
 def scored(store, fmnist):
     """A tiny MAE and ranker trained in-process, every image scored."""
-    rid = patches.train_ltrp(fmnist, patches.LtrpSettings(**TINY), store=store)["ranker_id"]
-    patches.score_dataset(fmnist, rid, store=store)
+    rid = ltrp_models.train_ltrp(fmnist, ltrp_models.LtrpSettings(**TINY), store=store)["ranker_id"]
+    scoring.score_dataset(fmnist, rid, store=store)
     return fmnist, rid
 
 
 def stored_scores(name, rid, store) -> dict[str, np.ndarray]:
-    table, maps = patches.load_scores(name, rid, store=store)
+    table, maps = scoring.load_scores(name, rid, store=store)
     return dict(zip(table.image_id, maps))
 
 
@@ -55,24 +59,24 @@ def stored_scores(name, rid, store) -> dict[str, np.ndarray]:
 def test_ltrp_job_trains_scores_and_reuses_its_models(store, fmnist):
     job = jobs.wait(jobs.launch("ltrp", fmnist, TINY, store=store), store, timeout=300)
     assert job["status"] == "done", job["error"]
-    n_images = datasets.images_table(fmnist, store).image_id.nunique()
+    n_images = catalog.images_table(fmnist, store).image_id.nunique()
     assert job["result"]["scored"] == job["result"]["total"] == n_images
     models = store.query_df("SELECT model_id, kind, parent, checkpoint, metrics FROM ltrp_models ORDER BY kind")
     assert list(models.kind) == ["mae", "ranker"]
     mae_id, rid = models.model_id
     assert models.parent[1] == mae_id == job["result"]["mae_id"] and rid == job["result"]["ranker_id"]
     assert all(Path(p).exists() for p in models.checkpoint)
-    assert patches.list_rankers(fmnist, store).scored.tolist() == [n_images]
-    _, maps = patches.load_scores(fmnist, rid, store=store)
+    assert ltrp_models.list_rankers(fmnist, store).scored.tolist() == [n_images]
+    _, maps = scoring.load_scores(fmnist, rid, store=store)
     assert maps.shape == (n_images, 49) and np.isfinite(maps).all()
 
     mtimes = [Path(p).stat().st_mtime_ns for p in models.checkpoint]
-    assert patches.train_ltrp(fmnist, patches.LtrpSettings(**TINY), store=store) == {"mae_id": mae_id,
+    assert ltrp_models.train_ltrp(fmnist, ltrp_models.LtrpSettings(**TINY), store=store) == {"mae_id": mae_id,
                                                                                      "ranker_id": rid}
     assert [Path(p).stat().st_mtime_ns for p in models.checkpoint] == mtimes  # reused, not retrained
-    assert patches.score_dataset(fmnist, rid, store=store)["scored"] == 0
+    assert scoring.score_dataset(fmnist, rid, store=store)["scored"] == 0
     # A different recipe is a different model (its own id), not the cached one.
-    other = patches.train_ltrp(fmnist, patches.LtrpSettings(**{**TINY, "mask_ratio": 0.5}), store=store)
+    other = ltrp_models.train_ltrp(fmnist, ltrp_models.LtrpSettings(**{**TINY, "mask_ratio": 0.5}), store=store)
     assert other["mae_id"] == mae_id and other["ranker_id"] != rid
 
 
@@ -100,17 +104,17 @@ def test_a_resumed_scoring_job_does_not_recompute(store, scored):
 def test_score_maps_are_deterministic_for_a_fixed_seed(store, scored):
     name, rid = scored
     first = stored_scores(name, rid, store)
-    again = patches.train_ltrp(name, patches.LtrpSettings(**TINY), retrain=True, store=store)
+    again = ltrp_models.train_ltrp(name, ltrp_models.LtrpSettings(**TINY), retrain=True, store=store)
     assert again["ranker_id"] == rid
     assert store.query("SELECT count(*) FROM patch_scores WHERE ranker_id = ?", [rid]) == [(0,)]  # invalidated
-    assert patches.score_dataset(name, rid, store=store)["scored"] == len(first)
+    assert scoring.score_dataset(name, rid, store=store)["scored"] == len(first)
     second = stored_scores(name, rid, store)
     assert sorted(second) == sorted(first)
     for i in first:
         np.testing.assert_array_equal(second[i], first[i])
 
-    other = patches.train_ltrp(name, patches.LtrpSettings(**{**TINY, "seed": 1}), store=store)["ranker_id"]
-    patches.score_dataset(name, other, store=store)
+    other = ltrp_models.train_ltrp(name, ltrp_models.LtrpSettings(**{**TINY, "seed": 1}), store=store)["ranker_id"]
+    scoring.score_dataset(name, other, store=store)
     third = stored_scores(name, other, store)
     assert not all(np.array_equal(third[i], first[i]) for i in first)
 
@@ -147,50 +151,50 @@ def test_a_pretrained_mae_checkpoint_is_used_and_an_unusable_one_is_refused(stor
                     decoder_depth=1, decoder_heads=1)
     official = tmp_path / "mae_visualize_tiny.pth"
     torch.save({"model": _official_layout(cfg)}, official)
-    ids = patches.train_ltrp(fmnist, patches.LtrpSettings(**TINY), checkpoint=str(official), store=store)
+    ids = ltrp_models.train_ltrp(fmnist, ltrp_models.LtrpSettings(**TINY), checkpoint=str(official), store=store)
     assert ids["mae_id"].startswith("mae:file-")
-    mae = patches.load_mae_model(ids["ranker_id"], store)
+    mae = ltrp_models.load_mae_model(ids["ranker_id"], store)
     assert mae.cfg.img_size == 28 and mae.cfg.grid == 4 and mae.cfg.in_chans == 3
     torch.testing.assert_close(mae.patch_embed.proj.weight, _official_layout(cfg)["patch_embed.proj.weight"])
-    assert patches.score_dataset(fmnist, ids["ranker_id"], store=store)["scored"] > 0
-    _, maps = patches.load_scores(fmnist, ids["ranker_id"], store=store)
+    assert scoring.score_dataset(fmnist, ids["ranker_id"], store=store)["scored"] > 0
+    _, maps = scoring.load_scores(fmnist, ids["ranker_id"], store=store)
     assert maps.shape[1] == 16  # the checkpoint's patch grid
 
 
 # -- images, views and the CLI -----------------------------------------------------------------
 def test_images_are_found_by_content_id_path_or_file(store, fmnist, tmp_path, fmnist_test):
-    table = datasets.images_table(fmnist, store)
+    table = catalog.images_table(fmnist, store)
     r = table.iloc[7]
-    by_id = patches.resolve_image(fmnist, r.image_id, store)
+    by_id = ltrp_view.resolve_image(fmnist, r.image_id, store)
     assert (by_id.row, by_id.path, by_id.label) == (r.row, r.path, r.label)
-    assert patches.resolve_image(fmnist, r.image_id[:10], store).row == r.row
-    assert patches.resolve_image(fmnist, r.path, store).row == r.row
-    root = Path(datasets.get_dataset(fmnist, store)["root"])
-    assert patches.resolve_image(fmnist, str(root / r.path), store).row == r.row
-    np.testing.assert_array_equal(by_id.pixels, datasets.load_pixels(fmnist, store)[r.row])
+    assert ltrp_view.resolve_image(fmnist, r.image_id[:10], store).row == r.row
+    assert ltrp_view.resolve_image(fmnist, r.path, store).row == r.row
+    root = Path(catalog.get_dataset(fmnist, store)["root"])
+    assert ltrp_view.resolve_image(fmnist, str(root / r.path), store).row == r.row
+    np.testing.assert_array_equal(by_id.pixels, catalog.load_pixels(fmnist, store)[r.row])
 
     outside = tmp_path / "mine.png"
     Image.fromarray(fmnist_test[0][9000]).save(outside)
-    ext = patches.resolve_image(fmnist, str(outside), store)
+    ext = ltrp_view.resolve_image(fmnist, str(outside), store)
     assert ext.row is None and ext.pixels.shape == (28, 28, 1)
     np.testing.assert_array_equal(ext.pixels[..., 0], fmnist_test[0][9000])
-    with pytest.raises(datasets.DatasetError, match="redex info"):
-        patches.resolve_image(fmnist, "0000nothing", store)
+    with pytest.raises(catalog.DatasetError, match="redex info"):
+        ltrp_view.resolve_image(fmnist, "0000nothing", store)
 
 
 def test_patch_view_keeps_the_top_patches(store, scored):
     name, rid = scored
-    image = patches.images_at(name, [3], store)[0]
-    scores, stored = patches.image_scores(name, rid, image, store=store)
+    image = ltrp_view.images_at(name, [3], store)[0]
+    scores, stored = scoring.image_scores(name, rid, image, store=store)
     assert stored
-    mae = patches.load_mae_model(rid, store)
+    mae = ltrp_models.load_mae_model(rid, store)
     for ratio, k in ((0.25, 12), (0.5, 24), (0.75, 37)):
-        view = patches.patch_view(mae, image.pixels, scores, ratio)
+        view = ltrp_view.patch_view(mae, image.pixels, scores, ratio)
         assert len(view.keep) == k and set(view.keep) == set(np.argsort(-scores)[:k])
         cells = np.kron(view.kept_mask, np.ones((4, 4), bool))
         np.testing.assert_array_equal(view.kept[cells], view.original[cells])
         np.testing.assert_array_equal(view.reconstruction[cells], view.original[cells])
-        assert (view.kept[~cells] == patches.MASK_GREY).all()
+        assert (view.kept[~cells] == ltrp_view.MASK_GREY).all()
         assert not np.array_equal(view.reconstruction[~cells], view.original[~cells])
 
 
@@ -199,21 +203,21 @@ def test_cli_train_score_and_show(store, fmnist, tmp_path, capsys):
     assert f"run `redex ltrp train {fmnist}` first" in capsys.readouterr().err
     assert cli(["ltrp", "train", fmnist, "--mae-epochs", "1", "--ranker-epochs", "1", "--mask-ratio", "0.8"]) == 0
     out = capsys.readouterr().out
-    n_images = datasets.images_table(fmnist, store).image_id.nunique()
+    n_images = catalog.images_table(fmnist, store).image_id.nunique()
     assert f"{n_images:,} images scored" in out
-    rid = patches.require_ranker(fmnist, store)
+    rid = ltrp_models.require_ranker(fmnist, store)
     assert '"mask_ratio": 0.8' in store.query("SELECT metrics FROM ltrp_models WHERE model_id = ?", [rid])[0][0]
     assert cli(["ltrp", "score", fmnist]) == 0
     assert jobs.list_jobs(store)[0]["result"]["reused"] == n_images
 
-    image_id = datasets.images_table(fmnist, store).image_id[5]
+    image_id = catalog.images_table(fmnist, store).image_id[5]
     png = tmp_path / "heat.png"
     assert cli(["ltrp", "show", fmnist, image_id, "--keep", "0.25", "--out", str(png)]) == 0
     assert "kept 12 of 49 patches" in capsys.readouterr().out
     sheet = np.asarray(Image.open(png).convert("RGB"))
     assert sheet.shape == (224 + 18, 4 * 224 + 3 * 8, 3)
     original = sheet[18:, :224]
-    np.testing.assert_array_equal(original[::8, ::8, 0], datasets.load_pixels(fmnist, store)[5][..., 0])
+    np.testing.assert_array_equal(original[::8, ::8, 0], catalog.load_pixels(fmnist, store)[5][..., 0])
     assert cli(["ltrp", "show", fmnist, image_id, "--keep", "1.5", "--out", str(png)]) == 1
     assert "keep_ratio must lie in (0, 1]" in capsys.readouterr().err
     assert cli(["ltrp", "show", fmnist, "no/such.png"]) == 1
@@ -260,7 +264,7 @@ def test_page_heatmap_slider_grid_and_group(store, scored):
     at.radio(key="pick_by").set_value("content id or path").run()
     at.text_input(key="heat_ref").set_value("nope").run()
     assert any("no image 'nope'" in e.value for e in at.error)
-    path = datasets.images_table(name, store).path[40]
+    path = catalog.images_table(name, store).path[40]
     at.text_input(key="heat_ref").set_value(path).run()
     assert not at.exception and path in at.caption[0].value
 

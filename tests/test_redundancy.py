@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.cluster.hierarchy import fcluster, is_monotonic, is_valid_linkage, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from core import redundancy as R
+from core.redundancy import checks, cuts, trees
 
 CLASSES = (0, 1, 7)  # T-shirt/top, Trouser, Sneaker
 ORIGINALS = 300      # per class
@@ -63,7 +63,7 @@ def class_inputs(emb: np.ndarray, labels: np.ndarray, **build) -> dict:
     out = {}
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
-        out[int(cls)] = (R.build_class_tree(emb[idx], **build), emb[idx], idx)
+        out[int(cls)] = (trees.build_class_tree(emb[idx], **build), emb[idx], idx)
     return out
 
 
@@ -82,7 +82,7 @@ def assert_copies_grouped(group: np.ndarray, original: np.ndarray) -> None:
 # -- planted redundancy -----------------------------------------------------------------------------
 def test_planted_copies_are_near_and_originals_apart(planted):
     """The premise of the planted tests: every copy is nearer its original than any two originals are."""
-    unit = R.unit_rows(planted["emb"])
+    unit = trees.unit_rows(planted["emb"])
     copies = np.flatnonzero(planted["original"] >= 0)
     copy_dist = 1.0 - np.einsum("ij,ij->i", unit[copies], unit[planted["original"][copies]])
     originals = unit[planted["original"] < 0]
@@ -91,10 +91,10 @@ def test_planted_copies_are_near_and_originals_apart(planted):
     assert copy_dist.max() < 0.004 < 1.0 - gram.max()
 
 
-@pytest.mark.parametrize("method", R.LINKAGES)
+@pytest.mark.parametrize("method", trees.LINKAGES)
 def test_copies_grouped_with_originals_at_original_fraction(planted, method):
     inputs = class_inputs(planted["emb"], planted["labels"], linkage=method)
-    subset = R.select_subset(inputs, fraction=ORIGINALS / (ORIGINALS + COPIES))
+    subset = cuts.select_subset(inputs, fraction=ORIGINALS / (ORIGINALS + COPIES))
     assert_copies_grouped(subset.group, planted["original"])
     assert [c["kept"] for c in subset.per_class] == [ORIGINALS] * len(CLASSES)
     # no group mixes classes, and every group has its own id
@@ -113,19 +113,19 @@ def test_approximate_tree_is_valid_and_keeps_copies(planted):
         assert z.shape == (n - 1, 4) and is_valid_linkage(z) and is_monotonic(z)
         assert np.all(np.diff(z[:, 2]) >= 0) and z[-1, 3] == n
         for k in (1, 2, 7, 50, n // 2, n - 1, n):
-            assert len(np.unique(R.labels_for_k(tree, k))) == k
-    subset = R.select_subset(inputs, fraction=ORIGINALS / (ORIGINALS + COPIES))
+            assert len(np.unique(cuts.labels_for_k(tree, k))) == k
+    subset = cuts.select_subset(inputs, fraction=ORIGINALS / (ORIGINALS + COPIES))
     assert_copies_grouped(subset.group, planted["original"])
 
 
 def test_part_distances_are_the_linkage_between_small_parts(fmnist_test):
     """With parts of at most PART_SAMPLE members every member is sampled: the estimate is exact."""
     images, _ = fmnist_test
-    unit = R.unit_rows(pixels(images[:400]))
-    parts = np.split(np.arange(400), [60, 60 + R.PART_SAMPLE, 300])  # sizes 60, 128, 112, 100
+    unit = trees.unit_rows(pixels(images[:400]))
+    parts = np.split(np.arange(400), [60, 60 + trees.PART_SAMPLE, 300])  # sizes 60, 128, 112, 100
     reduce = {"complete": np.max, "single": np.min, "average": np.mean}
-    for method in R.LINKAGES:
-        dist = R._part_distances(unit, parts, method, np.random.default_rng(0))
+    for method in trees.LINKAGES:
+        dist = trees._part_distances(unit, parts, method, np.random.default_rng(0))
         for p in range(4):
             for q in range(4):
                 if p != q:
@@ -133,7 +133,7 @@ def test_part_distances_are_the_linkage_between_small_parts(fmnist_test):
                     assert dist[p, q] == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", R.LINKAGES)
+@pytest.mark.parametrize("method", trees.LINKAGES)
 def test_part_agglomeration_weights_parts_by_size(fmnist_test, method):
     """Agglomerating parts of given sizes = scipy's linkage on the parts' members repeated size times."""
     images, _ = fmnist_test
@@ -141,7 +141,7 @@ def test_part_agglomeration_weights_parts_by_size(fmnist_test, method):
     sizes = np.array([1, 3, 2, 1, 4, 2])
     item = np.repeat(np.arange(6), sizes)
     reference = linkage(squareform(dist[np.ix_(item, item)], checks=False), method)
-    merges = R._agglomerate(dist, sizes.astype(float), method)
+    merges = trees._agglomerate(dist, sizes.astype(float), method)
     np.testing.assert_allclose([m[2] for m in merges], reference[sizes.sum() - 6:, 2], atol=1e-9)
     assert merges[-1][3] == sizes.sum()
 
@@ -154,40 +154,40 @@ def real_class(fmnist_test):
     return pixels(images[labels == 5][:500])
 
 
-@pytest.mark.parametrize("method", R.LINKAGES)
+@pytest.mark.parametrize("method", trees.LINKAGES)
 def test_exact_tree_equals_scipy_on_cosine_distances(real_class, method):
-    tree = R.build_class_tree(real_class, method)
+    tree = trees.build_class_tree(real_class, method)
     reference = linkage(pdist(real_class.astype(np.float64), "cosine"), method)
     assert tree.exact and tree.meta["method"] == method
     np.testing.assert_allclose(tree.linkage[:, 2], reference[:, 2], atol=1e-6)
     for k in (2, 10, 100, 400):
-        assert same_partition(R.labels_for_k(tree, k), fcluster(reference, k, "maxclust"))
+        assert same_partition(cuts.labels_for_k(tree, k), fcluster(reference, k, "maxclust"))
 
 
-@pytest.mark.parametrize("method", R.LINKAGES)
+@pytest.mark.parametrize("method", trees.LINKAGES)
 def test_labels_for_k_agree_with_fcluster_maxclust(real_class, method):
-    tree = R.build_class_tree(real_class, method)
+    tree = trees.build_class_tree(real_class, method)
     assert len(np.unique(tree.linkage[:, 2])) == tree.n - 1  # no ties
     for k in range(1, tree.n + 1, 7):
-        labels = R.labels_for_k(tree, k)
+        labels = cuts.labels_for_k(tree, k)
         assert labels.dtype == np.int32 and set(np.unique(labels)) == set(range(k))
         assert same_partition(labels, fcluster(tree.linkage, k, "maxclust"))
 
 
-@pytest.mark.parametrize("method", R.LINKAGES)
+@pytest.mark.parametrize("method", trees.LINKAGES)
 def test_labels_for_threshold_agree_with_fcluster_distance(real_class, method):
-    tree = R.build_class_tree(real_class, method)
+    tree = trees.build_class_tree(real_class, method)
     heights = tree.linkage[:, 2]
     for t in [0.0, *np.quantile(heights, [0.1, 0.5, 0.9, 0.99]), heights[123], heights[-1]]:
-        assert same_partition(R.labels_for_threshold(tree, t), fcluster(tree.linkage, t, "distance"))
+        assert same_partition(cuts.labels_for_threshold(tree, t), fcluster(tree.linkage, t, "distance"))
 
 
 def test_threshold_subset_reports_its_fractions(planted):
     inputs = class_inputs(planted["emb"], planted["labels"])
-    subset = R.select_subset(inputs, threshold=0.004)
+    subset = cuts.select_subset(inputs, threshold=0.004)
     assert_copies_grouped(subset.group, planted["original"])
     for row, (tree, _, _) in zip(subset.per_class, inputs.values()):
-        groups = len(np.unique(R.labels_for_threshold(tree, 0.004)))
+        groups = len(np.unique(cuts.labels_for_threshold(tree, 0.004)))
         assert row["kept"] == row["groups"] == groups == ORIGINALS
         assert row["kept_fraction"] == groups / tree.n
     assert subset.kept_fraction == ORIGINALS / (ORIGINALS + COPIES)
@@ -206,7 +206,7 @@ def uneven(fmnist_test):
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.1, 0.25, 0.5, 0.77, 0.9, 1.0])
 def test_kept_counts_follow_the_paper_rule(uneven, fraction):
     inputs, _, labels = uneven
-    subset = R.select_subset(inputs, fraction=fraction)
+    subset = cuts.select_subset(inputs, fraction=fraction)
     for row in subset.per_class:
         n = int(np.sum(labels == row["label"]))
         k = max(1, round(fraction * n))
@@ -221,7 +221,7 @@ def test_kept_counts_follow_the_paper_rule(uneven, fraction):
 
 def test_class_groups_are_numbered_per_class(uneven):
     inputs, _, labels = uneven
-    subset = R.select_subset(inputs, fraction=0.3)
+    subset = cuts.select_subset(inputs, fraction=0.3)
     for row in subset.per_class:
         ids = np.unique(subset.group[labels == row["label"]])
         assert np.array_equal(ids, row["first_group"] + np.arange(row["groups"]))
@@ -236,9 +236,9 @@ def brute_force_scores(emb: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("rule", ["nearest_mean", "farthest_mean"])
 def test_representative_rule_picks_what_it_says(real_class, rule):
-    tree = R.build_class_tree(real_class)
-    labels = R.labels_for_k(tree, 60)
-    reps = R.representatives(tree, real_class, labels, rule)
+    tree = trees.build_class_tree(real_class)
+    labels = cuts.labels_for_k(tree, 60)
+    reps = cuts.representatives(tree, real_class, labels, rule)
     assert len(reps) == 60
     for g, rep in enumerate(reps):
         members = np.flatnonzero(labels == g)
@@ -249,36 +249,36 @@ def test_representative_rule_picks_what_it_says(real_class, rule):
 
 
 def test_random_representatives_are_seeded_members(real_class):
-    tree = R.build_class_tree(real_class)
-    labels = R.labels_for_k(tree, 60)
-    first = R.representatives(tree, real_class, labels, "random", seed=1)
-    assert np.array_equal(first, R.representatives(tree, real_class, labels, "random", seed=1))
+    tree = trees.build_class_tree(real_class)
+    labels = cuts.labels_for_k(tree, 60)
+    first = cuts.representatives(tree, real_class, labels, "random", seed=1)
+    assert np.array_equal(first, cuts.representatives(tree, real_class, labels, "random", seed=1))
     assert np.array_equal(labels[first], np.arange(60))
-    assert not np.array_equal(first, R.representatives(tree, real_class, labels, "random", seed=2))
+    assert not np.array_equal(first, cuts.representatives(tree, real_class, labels, "random", seed=2))
 
 
 def test_representatives_reject_foreign_labels(real_class):
-    tree = R.build_class_tree(real_class)
+    tree = trees.build_class_tree(real_class)
     scipy_labels = fcluster(tree.linkage, 60, "maxclust") - 1
     with pytest.raises(ValueError):
-        R.representatives(tree, real_class, scipy_labels)
+        cuts.representatives(tree, real_class, scipy_labels)
 
 
 def test_select_subset_is_deterministic(uneven):
     inputs, emb, labels = uneven
     again = class_inputs(emb, labels)
-    for rule in R.REPRESENTATIVES:
-        a = R.select_subset(inputs, fraction=0.4, representative=rule, seed=5)
-        b = R.select_subset(again, fraction=0.4, representative=rule, seed=5)
+    for rule in cuts.REPRESENTATIVES:
+        a = cuts.select_subset(inputs, fraction=0.4, representative=rule, seed=5)
+        b = cuts.select_subset(again, fraction=0.4, representative=rule, seed=5)
         assert np.array_equal(a.group, b.group) and np.array_equal(a.representatives, b.representatives)
-    c = R.select_subset(inputs, fraction=0.4, representative="random", seed=6)
+    c = cuts.select_subset(inputs, fraction=0.4, representative="random", seed=6)
     assert not np.array_equal(a.representatives, c.representatives)
 
 
 def test_approximate_build_is_deterministic_and_reports_progress(real_class):
     calls = []
-    a = R.build_class_tree(real_class, exact_limit=120, part_size=120, seed=4, progress=lambda *c: calls.append(c))
-    b = R.build_class_tree(real_class, exact_limit=120, part_size=120, seed=4)
+    a = trees.build_class_tree(real_class, exact_limit=120, part_size=120, seed=4, progress=lambda *c: calls.append(c))
+    b = trees.build_class_tree(real_class, exact_limit=120, part_size=120, seed=4)
     assert np.array_equal(a.linkage, b.linkage)
     parts = a.meta["n_parts"]
     assert calls == [(p, parts) for p in range(1, parts + 1)]
@@ -287,29 +287,29 @@ def test_approximate_build_is_deterministic_and_reports_progress(real_class):
 def test_tiny_classes(fmnist_test):
     images, _ = fmnist_test
     one, two = pixels(images[:1]), pixels(images[1:3])
-    t1, t2 = R.build_class_tree(one), R.build_class_tree(two)
+    t1, t2 = trees.build_class_tree(one), trees.build_class_tree(two)
     assert t1.linkage.shape == (0, 4) and t2.linkage.shape == (1, 4)
-    assert np.array_equal(R.labels_for_k(t1, 1), [0]) and np.array_equal(R.labels_for_threshold(t1, 0.5), [0])
-    assert len(np.unique(R.labels_for_k(t2, 2))) == 2 and len(np.unique(R.labels_for_k(t2, 1))) == 1
+    assert np.array_equal(cuts.labels_for_k(t1, 1), [0]) and np.array_equal(cuts.labels_for_threshold(t1, 0.5), [0])
+    assert len(np.unique(cuts.labels_for_k(t2, 2))) == 2 and len(np.unique(cuts.labels_for_k(t2, 1))) == 1
     inputs = {"a": (t1, one, np.array([0])), "b": (t2, two, np.array([1, 2]))}
     for fraction, kept in ((0.0, 2), (0.5, 2), (0.8, 3), (1.0, 3)):
-        assert R.select_subset(inputs, fraction=fraction).kept.sum() == kept
-    assert R.select_subset(inputs, threshold=2.0).kept.sum() == 2
-    assert R.select_subset(inputs, threshold=0.0).kept.sum() == 3
+        assert cuts.select_subset(inputs, fraction=fraction).kept.sum() == kept
+    assert cuts.select_subset(inputs, threshold=2.0).kept.sum() == 2
+    assert cuts.select_subset(inputs, threshold=0.0).kept.sum() == 3
 
 
 def test_tree_survives_storage_as_plain_arrays(real_class):
-    tree = R.build_class_tree(real_class, exact_limit=200, part_size=200)
+    tree = trees.build_class_tree(real_class, exact_limit=200, part_size=200)
     arrays, meta = tree.to_arrays()
     assert all(type(a) is np.ndarray for a in arrays.values())
-    restored = R.ClassTree.from_arrays({k: a.copy() for k, a in arrays.items()}, json.loads(json.dumps(meta)))
+    restored = trees.ClassTree.from_arrays({k: a.copy() for k, a in arrays.items()}, json.loads(json.dumps(meta)))
     assert restored.meta == tree.meta and not restored.exact
     for k in (1, 30, 250, 500):
-        assert np.array_equal(R.labels_for_k(restored, k), R.labels_for_k(tree, k))
+        assert np.array_equal(cuts.labels_for_k(restored, k), cuts.labels_for_k(tree, k))
 
 
 def test_group_size_histogram():
-    sizes, counts = R.group_size_histogram(np.array([4, 0, 0, 1, 4, 4, -1, 7, 2, 2]))
+    sizes, counts = cuts.group_size_histogram(np.array([4, 0, 0, 1, 4, 4, -1, 7, 2, 2]))
     assert sizes.tolist() == [1, 2, 3] and counts.tolist() == [2, 2, 1]
 
 
@@ -318,14 +318,14 @@ def test_exact_duplicates_of_pixel_hashes(fmnist_test):
     images, _ = fmnist_test
     sample = np.concatenate([images[:200], images[[5, 17, 5]]])  # 200, 201, 202 copy 5, 17, 5
     keys = [hashlib.blake2b(img.tobytes(), digest_size=8).hexdigest() for img in sample]
-    natural = R.exact_duplicates(keys[:200])
+    natural = checks.exact_duplicates(keys[:200])
     assert not any(5 in g or 17 in g for g in natural)
     assert all(len({keys[i] for i in g}) == 1 for g in natural)
-    assert R.exact_duplicates(keys) == sorted(natural + [[5, 200, 202], [17, 201]])
+    assert checks.exact_duplicates(keys) == sorted(natural + [[5, 200, 202], [17, 201]])
 
 
 def brute_force_conflicts(emb: np.ndarray, labels: np.ndarray, threshold: float) -> set[tuple[int, int]]:
-    unit = R.unit_rows(emb)
+    unit = trees.unit_rows(emb)
     dist = 1.0 - unit @ unit.T
     i, j = np.nonzero((dist <= threshold) & (labels[:, None] != labels[None, :]))
     return {(a, b) for a, b in zip(i.tolist(), j.tolist()) if a < b}
@@ -341,10 +341,10 @@ def test_cross_class_conflicts_find_mislabelled_copies(fmnist_test):
         images[slot], labels[slot] = near_copy(images[orig], slot, rng), wrong
         planted[orig] = slot
     emb = pixels(images)
-    rows = R.cross_class_conflicts(emb, labels, threshold=0.01)
+    rows = checks.cross_class_conflicts(emb, labels, threshold=0.01)
     found = {(int(i), int(j)) for i, j in zip(rows["i"], rows["j"])}
     assert set(planted.items()) <= found
     assert found == brute_force_conflicts(emb, labels, 0.01)
     assert np.all(labels[rows["i"]] != labels[rows["j"]]) and np.all(np.diff(rows["distance"]) >= 0)
-    closest = R.cross_class_conflicts(emb, labels, threshold=0.01, max_pairs=2)
+    closest = checks.cross_class_conflicts(emb, labels, threshold=0.01, max_pairs=2)
     assert np.array_equal(closest, rows[:2])

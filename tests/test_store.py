@@ -6,7 +6,8 @@ import textwrap
 import pytest
 
 from core import jobs
-from core.store import MIGRATIONS, Store
+from core.store.db import Store
+from core.store.migrations import MIGRATIONS
 
 
 def test_migrations_run_once_and_are_versioned(cache):
@@ -36,7 +37,7 @@ def test_parameters_are_not_sql(store):
 
 WRITER = textwrap.dedent("""
     import sys
-    from core.store import Store
+    from core.store.db import Store
     s = Store(sys.argv[1])
     for i in range(int(sys.argv[3])):
         s.execute("INSERT INTO job_events (job_id, level, message) VALUES (?, 'info', ?)", [int(sys.argv[2]), str(i)])
@@ -46,12 +47,12 @@ WRITER = textwrap.dedent("""
 
 def test_app_cli_and_jobs_use_the_store_at_once(store, image_folder):
     """Four writer processes, the real CLI and a real scan job, all at once: no lock error, nothing lost."""
-    from core import datasets
+    from core.data import sources
 
     n = 60
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), str(1000 + w), str(n)],
                                 stderr=subprocess.PIPE, text=True) for w in range(4)]
-    name = datasets.register(str(image_folder), "concurrent")
+    name = sources.register(str(image_folder), "concurrent")
     job_id = jobs.launch("scan", name, store=store)
     clis = [subprocess.Popen([sys.executable, "-m", "core.cli", "jobs"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -72,7 +73,7 @@ def test_app_cli_and_jobs_use_the_store_at_once(store, image_folder):
 
 READER = textwrap.dedent("""
     import sys, time
-    from core.store import Store
+    from core.store.db import Store
     s = Store(sys.argv[1])
     end = time.monotonic() + float(sys.argv[2])
     while time.monotonic() < end:

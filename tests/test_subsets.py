@@ -8,10 +8,14 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import datasets, embeddings, groups, jobs, subsets
-from core.backbones import DEFAULT_BACKBONE
+from core import jobs
 from core.cli import main as cli
-from core.redundancy import groups_for_fraction
+from core.data import catalog, scan, sources
+from core.embed import embeddings
+from core.embed.backbones import DEFAULT_BACKBONE
+from core.redundancy import clusterings
+from core.redundancy.cuts import groups_for_fraction
+from core.subsets import plan, results, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"epochs": 1, "batch_size": 16}
@@ -20,11 +24,11 @@ QUICK = {"epochs": 1, "batch_size": 16}
 @pytest.fixture
 def ready(store, image_folder):
     """60 real images (3 classes x 15 train + 5 test), embedded and clustered."""
-    name = datasets.register(str(image_folder), "sub")
-    datasets.scan(name, store)
+    name = sources.register(str(image_folder), "sub")
+    scan.scan(name, store)
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
-    groups.cluster(name, bid, store=store)
+    clusterings.cluster(name, bid, store=store)
     return name, bid
 
 
@@ -38,8 +42,8 @@ def wait_until(predicate, timeout=120, what="condition"):
 
 def test_plan_keeps_class_counts_and_keys_every_distinct_run(ready, store):
     name, bid = ready
-    spec = subsets.SweepSpec(fractions=(1.0, 0.5, 0.2), seeds=2, recipe=QUICK)
-    plans = subsets.plan_runs(name, spec, store)
+    spec = plan.SweepSpec(fractions=(1.0, 0.5, 0.2), seeds=2, recipe=QUICK)
+    plans = plan.plan_runs(name, spec, store)
     # 1.0 is one full run per seed; each smaller fraction one run per method and seed.
     assert [(p.method, p.fraction, p.seed) for p in plans] == [
         ("full", 1.0, 0), ("full", 1.0, 1),
@@ -48,9 +52,9 @@ def test_plan_keeps_class_counts_and_keys_every_distinct_run(ready, store):
     assert len({p.run_key for p in plans}) == len(plans)
     for p in plans:
         assert p.recipe.seed == p.seed and p.recipe.epochs == 1
-        table = subsets.subset_table(name, p.method, p.fraction, p.seed,
-                                     subsets.Selection(**p.selection) if p.selection else None, store=store)
-        assert subsets.fingerprint(table) == p.subset_fp and len(table) == p.n_train
+        table = plan.subset_table(name, p.method, p.fraction, p.seed,
+                                     plan.Selection(**p.selection) if p.selection else None, store=store)
+        assert plan.fingerprint(table) == p.subset_fp and len(table) == p.n_train
         counts = table.label.value_counts()
         # Both subsets keep k_c = max(1, round(f * n_c)) of each class's 15 train images; no test image.
         assert (counts == groups_for_fraction(15, p.fraction)).all() and len(counts) == 3
@@ -59,24 +63,24 @@ def test_plan_keeps_class_counts_and_keys_every_distinct_run(ready, store):
     random_ = [p for p in plans if p.method == "random" and p.fraction == 0.5]
     assert semantic[0].subset_fp == semantic[1].subset_fp  # nearest-mean representatives: one subset
     assert random_[0].subset_fp != random_[1].subset_fp    # a fresh draw per seed
-    c = groups.load_clustering(name, bid)
-    kept = set(c.table.path.iloc[groups.subset(c, fraction=0.5).kept_indices])
-    assert set(subsets.subset_table(name, "semantic", 0.5, 0, subsets.Selection(bid), store=store).path) == kept
+    c = clusterings.load_clustering(name, bid)
+    kept = set(c.table.path.iloc[clusterings.subset(c, fraction=0.5).kept_indices])
+    assert set(plan.subset_table(name, "semantic", 0.5, 0, plan.Selection(bid), store=store).path) == kept
     # The step budget gives every run the full run's number of steps.
-    steps = subsets.plan_runs(name, subsets.SweepSpec(fractions=(1.0, 0.2), seeds=1, recipe=QUICK, budget="steps"),
+    steps = plan.plan_runs(name, plan.SweepSpec(fractions=(1.0, 0.2), seeds=1, recipe=QUICK, budget="steps"),
                               store)
     assert {p.recipe.total_steps(p.n_train) for p in steps} == {45 // 16}
 
 
 def test_sweep_trains_evaluates_stores_and_reuses(ready, store):
     name, bid = ready
-    spec = subsets.SweepSpec(fractions=(1.0, 0.5), methods=("semantic",), seeds=1, recipe=QUICK)
-    sweep_id, job_id = subsets.launch_sweep(name, spec, store)
+    spec = plan.SweepSpec(fractions=(1.0, 0.5), methods=("semantic",), seeds=1, recipe=QUICK)
+    sweep_id, job_id = sweeps.launch_sweep(name, spec, store)
     assert jobs.wait(job_id, store, timeout=300)["status"] == "done"
-    df = subsets.runs(name, store)
+    df = results.runs(name, store)
     assert sorted(df.method) == ["full", "semantic"] and set(df.status) == {"done"}
     for r in df.itertuples():
-        run = subsets.get_run(r.run_key, store)
+        run = results.get_run(r.run_key, store)
         m = run["metrics"]
         assert 0.0 <= m["test_top1"] <= 1.0 and m["n_eval"] == 15 and m["eval_split"] == "test"
         assert len(m["per_class"]) == 3 and m["recipe"] == run["recipe"]  # the recipe travels with the result
@@ -84,31 +88,31 @@ def test_sweep_trains_evaluates_stores_and_reuses(ready, store):
     assert df[df.method == "semantic"].n_train.iloc[0] == 3 * groups_for_fraction(15, 0.5)
 
     # The same sweep again: both runs are identical, so nothing is trained.
-    _, again = subsets.launch_sweep(name, spec, store)
+    _, again = sweeps.launch_sweep(name, spec, store)
     result = jobs.wait(again, store, timeout=120)["result"]
     assert result["runs"] == 0 and result["reused"] == 2
     assert len([j for j in jobs.list_jobs(store) if j["kind"] == "train"]) == 2
     # ... unless asked: force trains them again.
-    _, forced = subsets.launch_sweep(name, subsets.SweepSpec(**{**spec.to_dict(), "force": True}), store)
+    _, forced = sweeps.launch_sweep(name, plan.SweepSpec(**{**spec.to_dict(), "force": True}), store)
     assert jobs.wait(forced, store, timeout=300)["result"]["done"] == 2
     assert len([j for j in jobs.list_jobs(store) if j["kind"] == "train"]) == 4
 
-    summary = subsets.summary(subsets.runs(name, store))
+    summary = results.summary(results.runs(name, store))
     assert list(summary.method) == ["full", "semantic"] and (summary.seeds == 1).all()
-    assert subsets.evidence(name, 0.5, bid, store).startswith("0.5 semantic: ")
-    assert subsets.evidence(name, 0.8, bid, store) is None
-    deltas = subsets.per_class_deltas(name, df[df.method == "semantic"].run_key.iloc[0], store)
+    assert results.evidence(name, 0.5, bid, store).startswith("0.5 semantic: ")
+    assert results.evidence(name, 0.8, bid, store) is None
+    deltas = results.per_class_deltas(name, df[df.method == "semantic"].run_key.iloc[0], store)
     assert list(deltas.label) == ["class0", "class1", "class2"] and "delta" in deltas
 
 
 def test_killed_run_fails_the_sweep_goes_on_cancel_and_retry(ready, store):
     name, _ = ready
     long = {"epochs": 400, "batch_size": 8}  # about a minute per run on this CPU: time to kill it
-    spec = subsets.SweepSpec(fractions=(1.0, 0.5), methods=("random",), seeds=1, recipe=long)
-    sweep_id, sweep_job = subsets.launch_sweep(name, spec, store)
+    spec = plan.SweepSpec(fractions=(1.0, 0.5), methods=("random",), seeds=1, recipe=long)
+    sweep_id, sweep_job = sweeps.launch_sweep(name, spec, store)
 
     def running_run():
-        df = subsets.runs(name, store)
+        df = results.runs(name, store)
         live = df[(df.status == "running") & df.done.fillna(0).gt(0)]
         return live.iloc[0] if len(live) else None
 
@@ -117,28 +121,28 @@ def test_killed_run_fails_the_sweep_goes_on_cancel_and_retry(ready, store):
     assert first.method == "full"
     os.kill(jobs.get_job(int(first.job_id), store)["pid"], signal.SIGKILL)
     # The killed run is failed with the reason, and the sweep starts the next one.
-    wait_until(lambda: subsets.get_run(first.run_key, store)["status"] == "failed", what="the killed run to fail")
-    assert "died" in subsets.get_run(first.run_key, store)["error"]
+    wait_until(lambda: results.get_run(first.run_key, store)["status"] == "failed", what="the killed run to fail")
+    assert "died" in results.get_run(first.run_key, store)["error"]
     wait_until(lambda: (r := running_run()) is not None and r.run_key != first.run_key, what="the next run")
     second = running_run()
     assert second.method == "random" and jobs.get_job(sweep_job, store)["status"] == "running"
 
-    assert subsets.cancel_sweep(sweep_id, store)
+    assert sweeps.cancel_sweep(sweep_id, store)
     assert jobs.get_job(sweep_job, store)["status"] == "cancelled"
-    assert subsets.get_run(second.run_key, store)["status"] == "cancelled"
+    assert results.get_run(second.run_key, store)["status"] == "cancelled"
     assert jobs.get_job(int(second.job_id), store)["status"] == "cancelled"
 
     # Retry puts exactly the failed and cancelled runs back to work.
-    retry_sweep, retry_job = subsets.retry(name, store)
+    retry_sweep, retry_job = sweeps.retry(name, store)
     wait_until(lambda: (r := running_run()) is not None and r.sweep_id == retry_sweep, what="a retried run")
-    assert set(subsets.runs(name, store).sweep_id) == {retry_sweep}
+    assert set(results.runs(name, store).sweep_id) == {retry_sweep}
     at = run_page("pages/training.py", dataset=name)  # live: one run training, one waiting for its turn
     assert not at.exception
     table = next(d.value for d in at.dataframe if "run_key" in d.value.columns)
     assert sorted(table.status) == ["pending", "running"]
     assert len(at.get("progress")) == 2  # live bars: the sweep, and the run that is training
-    assert subsets.cancel_sweep(retry_sweep, store)
-    assert set(subsets.runs(name, store).status) == {"cancelled"}
+    assert sweeps.cancel_sweep(retry_sweep, store)
+    assert set(results.runs(name, store).status) == {"cancelled"}
 
 
 def test_cli_train_results_and_errors(ready, store, capsys, tmp_path):
@@ -161,11 +165,11 @@ def test_cli_train_results_and_errors(ready, store, capsys, tmp_path):
     train_only = tmp_path / "train_only"
     (train_only / "a").mkdir(parents=True)
     (train_only / "b").mkdir()
-    for f in list((Path(datasets.get_dataset(name, store)["root"]) / "train" / "class0").iterdir())[:4]:
+    for f in list((Path(catalog.get_dataset(name, store)["root"]) / "train" / "class0").iterdir())[:4]:
         (train_only / "a" / f.name).write_bytes(f.read_bytes())
         (train_only / "b" / f.name).write_bytes(f.read_bytes())
-    other = datasets.register(str(train_only), "trainonly")
-    datasets.scan(other, store)
+    other = sources.register(str(train_only), "trainonly")
+    scan.scan(other, store)
     n_jobs = len(jobs.list_jobs(store))
     assert cli(["train", other, "--fraction", "0.5", "--method", "random"]) == 1
     assert "no test or val images" in capsys.readouterr().err
@@ -196,7 +200,7 @@ def test_training_page_launches_and_plots(ready, store):
     at.button(key="launch_sweep").click()
     at.run()
     assert not at.exception
-    sweep = subsets.active_sweeps(name, store)
+    sweep = sweeps.active_sweeps(name, store)
     assert len(sweep) == 1
     assert jobs.wait(sweep[0]["id"], store, timeout=300)["result"]["done"] == 3
 

@@ -10,8 +10,9 @@ import argparse
 import sys
 import time
 
-from core import datasets, jobs
-from core.store import get_store
+from core import jobs
+from core.data import catalog, sources
+from core.store.db import get_store
 
 
 class CliError(Exception):
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (CliError, datasets.DatasetError, ValueError, FileNotFoundError) as exc:
+    except (CliError, catalog.DatasetError, ValueError, FileNotFoundError) as exc:
         print(f"redex: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -119,22 +120,22 @@ def _follow_flags(p: argparse.ArgumentParser) -> None:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_datasets_add(args) -> int:
-    name = datasets.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
+    name = sources.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
     job_id = jobs.launch("scan", name)
     print(f"dataset {name!r}: scanning (job {job_id})")
     return _run_or_detach(args, job_id, after=lambda: _print_summary(name))
 
 
 def cmd_datasets_list(args) -> int:
-    df = datasets.list_datasets()
+    df = catalog.list_datasets()
     print(df.to_string(index=False) if len(df) else "no datasets yet: `redex datasets add fashion-mnist`")
     return 0
 
 
 def cmd_info(args) -> int:
-    datasets.get_dataset(args.name)
+    catalog.get_dataset(args.name)
     _print_summary(args.name)
-    problems = datasets.problems_table(args.name)
+    problems = catalog.problems_table(args.name)
     if len(problems):
         print(f"\nproblems ({len(problems)}):")
         for r in problems.itertuples():
@@ -143,23 +144,23 @@ def cmd_info(args) -> int:
         print("\nno problem files")
     if args.ids:
         print("\nimage ids:")
-        for r in datasets.images_table(args.name).itertuples():
+        for r in catalog.images_table(args.name).itertuples():
             print(f"  {r.image_id}  {r.split:5}  {r.label}  {r.path}")
     return 0
 
 
 def _print_summary(name: str) -> None:
-    ds = datasets.get_dataset(name)
-    counts = datasets.class_counts(name)
+    ds = catalog.get_dataset(name)
+    counts = catalog.class_counts(name)
     print(f"dataset {name} ({ds['kind']}: {ds['source']}), working size {ds['image_size']}px x {ds['channels']}ch")
     print(counts.to_string(index=False) if len(counts) else "no images")
-    skipped = (datasets.problems_table(name).severity == "skipped").sum()
+    skipped = (catalog.problems_table(name).severity == "skipped").sum()
     if skipped:
         print(f"{skipped} file(s) skipped: `redex info {name}` lists them with their reasons")
 
 
 def cmd_embed(args) -> int:
-    datasets.load_pixels(args.name)  # fail fast if it was never scanned
+    catalog.load_pixels(args.name)  # fail fast if it was never scanned
     params = {k: v for k, v in {"backbone": args.backbone, "epochs": args.epochs,
                                 "checkpoint": args.checkpoint, "retrain": args.retrain}.items() if v}
     job_id = jobs.launch("embed", args.name, params)
@@ -168,7 +169,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_project(args) -> int:
-    from core.embeddings import list_backbones
+    from core.embed.embeddings import list_backbones
 
     bid = args.backbone_id
     if not bid:
@@ -183,38 +184,38 @@ def cmd_project(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from core import groups
+    from core.redundancy import clusterings
 
-    bid = args.backbone_id or groups.default_backbone(args.name)
+    bid = args.backbone_id or clusterings.default_backbone(args.name)
     job_id = jobs.launch("cluster", args.name, {"backbone_id": bid, "linkage": args.linkage})
     print(f"{args.linkage}-linkage trees of {args.name!r} with {bid} (job {job_id})")
     return _run_or_detach(args, job_id)
 
 
 def _subset(args):
-    from core import groups
+    from core.redundancy import clusterings
 
-    clustering = groups.load_clustering(args.name, args.backbone_id, args.linkage)
-    s = groups.subset(clustering, fraction=args.fraction, threshold=args.threshold,
+    clustering = clusterings.load_clustering(args.name, args.backbone_id, args.linkage)
+    s = clusterings.subset(clustering, fraction=args.fraction, threshold=args.threshold,
                       representative=args.representative, seed=args.seed)
-    print(groups.per_class_table(s).to_string(index=False))
-    print(f"kept {len(s.representatives):,} of {len(s.group):,} {groups.SUBSET_SPLIT} images "
+    print(clusterings.per_class_table(s).to_string(index=False))
+    print(f"kept {len(s.representatives):,} of {len(s.group):,} {clusterings.SUBSET_SPLIT} images "
           f"({s.kept_fraction:.1%})")
-    return groups.subset_frame(clustering, s)
+    return clusterings.subset_frame(clustering, s)
 
 
 def cmd_subset(args) -> int:
-    from core import groups
+    from core.redundancy import export
 
-    out = groups.export_table(_subset(args), args.out, which=args.which)
+    out = export.export_table(_subset(args), args.out, which=args.which)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from core import groups
+    from core.redundancy import export
 
-    n = groups.export_imagefolder(args.name, _subset(args), args.imagefolder, copy=args.copy)
+    n = export.export_imagefolder(args.name, _subset(args), args.imagefolder, copy=args.copy)
     print(f"wrote {n:,} {'files' if args.copy else 'symlinks'} under {args.imagefolder}")
     return 0
 
@@ -240,17 +241,17 @@ def cmd_cancel(args) -> int:
 
 # -- subset training: train, sweep, results ---------------------------------------------------
 def _training_parsers(sub) -> None:
-    from core import subsets
+    from core.subsets import plan
 
     def recipe_flags(sp) -> None:
-        sp.add_argument("--seeds", type=int, default=subsets.DEFAULT_SEEDS, help="runs per setting (seeds 0..N-1)")
+        sp.add_argument("--seeds", type=int, default=plan.DEFAULT_SEEDS, help="runs per setting (seeds 0..N-1)")
         sp.add_argument("--epochs", type=int, help="default: the recipe's (10 for 28-32 px images)")
         sp.add_argument("--arch", help="classifier architecture (default resnet8s2)")
         sp.add_argument("--batch-size", type=int)
         sp.add_argument("--lr", type=float, help="peak learning rate")
         sp.add_argument("--optimizer", choices=("sgd", "adamw"))
         sp.add_argument("--augmentation", choices=("none", "flip_crop"))
-        sp.add_argument("--budget", choices=subsets.BUDGET_RULES, default="epochs",
+        sp.add_argument("--budget", choices=plan.BUDGET_RULES, default="epochs",
                         help="epochs: same epochs as the full run; steps: same optimisation steps")
         sp.add_argument("--backbone-id", help="semantic subset: default the newest backbone with embeddings")
         sp.add_argument("--linkage", default="complete", choices=("complete", "average", "single"))
@@ -262,13 +263,13 @@ def _training_parsers(sub) -> None:
     tr = sub.add_parser("train", help="train on one subset (semantic, random or full), several seeds")
     tr.add_argument("name")
     tr.add_argument("--fraction", type=float, required=True)
-    tr.add_argument("--method", default="semantic", choices=subsets.METHODS)
+    tr.add_argument("--method", default="semantic", choices=plan.METHODS)
     recipe_flags(tr)
     tr.set_defaults(func=cmd_train)
     sw = sub.add_parser("sweep", help="fractions x methods x seeds, one training job at a time")
     sw.add_argument("name")
-    sw.add_argument("--fractions", default=",".join(f"{f:g}" for f in subsets.DEFAULT_FRACTIONS))
-    sw.add_argument("--methods", default=",".join(subsets.METHODS))
+    sw.add_argument("--fractions", default=",".join(f"{f:g}" for f in plan.DEFAULT_FRACTIONS))
+    sw.add_argument("--methods", default=",".join(plan.METHODS))
     recipe_flags(sw)
     sw.set_defaults(func=cmd_sweep)
     rs = sub.add_parser("results", help="test accuracy by method and fraction (mean ± std over seeds)")
@@ -283,7 +284,7 @@ def _training_parsers(sub) -> None:
 
 
 def _sweep_spec(args, fractions, methods):
-    from core import subsets
+    from core.subsets import plan
 
     recipe = {k: v for k, v in {"epochs": args.epochs, "arch": args.arch, "batch_size": args.batch_size,
                                 "lr": args.lr, "optimizer": args.optimizer,
@@ -291,15 +292,15 @@ def _sweep_spec(args, fractions, methods):
     selection = {"linkage": args.linkage, "representative": args.representative}
     if args.backbone_id:
         selection["backbone_id"] = args.backbone_id
-    return subsets.SweepSpec(fractions=tuple(fractions), methods=tuple(methods), seeds=args.seeds, recipe=recipe,
+    return plan.SweepSpec(fractions=tuple(fractions), methods=tuple(methods), seeds=args.seeds, recipe=recipe,
                              budget=args.budget, selection=selection, force=args.force)
 
 
 def _launch_sweep(args, spec) -> int:
-    from core import subsets
+    from core.subsets import plan, sweeps
 
-    est = subsets.estimate(args.name, spec)
-    sweep_id, job_id = subsets.launch_sweep(args.name, spec)
+    est = plan.estimate(args.name, spec)
+    sweep_id, job_id = sweeps.launch_sweep(args.name, spec)
     print(f"sweep {sweep_id} (job {job_id}): {est['runs']} runs, about {jobs.format_seconds(est['seconds'])}"
           f" ({est['speed_source']}); identical finished runs are reused")
     return _run_or_detach(args, job_id, after=lambda: _print_results(args.name))
@@ -319,16 +320,16 @@ def cmd_sweep(args) -> int:
 
 
 def _print_results(name: str, csv: bool = False, every_run: bool = False) -> None:
-    from core import subsets
+    from core.subsets import results
 
-    df = subsets.runs(name)
+    df = results.runs(name)
     if every_run:
         table = df[["method", "fraction", "seed", "n_train", "status", "test_top1", "test_loss", "seconds",
                     "device", "recipe_tag", "backbone_id", "error", "run_key"]]
     else:
-        table = subsets.summary(df)
+        table = results.summary(df)
         if not csv:
-            table = subsets.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
+            table = results.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
     if csv:
         sys.stdout.write(table.to_csv(index=False))
     elif table.empty:
@@ -338,15 +339,15 @@ def _print_results(name: str, csv: bool = False, every_run: bool = False) -> Non
 
 
 def cmd_results(args) -> int:
-    datasets.get_dataset(args.name)
+    catalog.get_dataset(args.name)
     _print_results(args.name, csv=args.csv, every_run=args.runs)
     return 0
 
 
 def cmd_retry(args) -> int:
-    from core import subsets
+    from core.subsets import sweeps
 
-    started = subsets.retry(args.name)
+    started = sweeps.retry(args.name)
     if started is None:
         print(f"no failed or cancelled runs for {args.name!r}")
         return 0
@@ -389,15 +390,15 @@ def _ltrp_parsers(sub) -> None:
 def cmd_ltrp_train(args) -> int:
     from pathlib import Path
 
-    from core import patches
+    from core.ltrp import models
 
-    datasets.load_pixels(args.name)  # fail fast if it was never scanned
+    catalog.load_pixels(args.name)  # fail fast if it was never scanned
     params = {"checkpoint": args.checkpoint, "mae_epochs": args.mae_epochs, "ranker_epochs": args.ranker_epochs,
               "mask_ratio": args.mask_ratio, "retrain": args.retrain or None, "score": False if args.no_score else None}
     params = {k: v for k, v in params.items() if v is not None}
-    patches.LtrpSettings.from_params(params)  # bad values fail here, before a job starts
+    models.LtrpSettings.from_params(params)  # bad values fail here, before a job starts
     if args.checkpoint:
-        patches.load_mae_checkpoint(args.checkpoint)  # an unusable file fails here, with the reason
+        models.load_mae_checkpoint(args.checkpoint)  # an unusable file fails here, with the reason
         params["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
     job_id = jobs.launch("ltrp", args.name, params)
     print(f"LTRP for {args.name!r}: MAE, ranker{'' if args.no_score else ', score maps'} (job {job_id})")
@@ -405,29 +406,30 @@ def cmd_ltrp_train(args) -> int:
 
 
 def _print_ranker(name: str) -> None:
-    from core import patches
+    from core.ltrp import models
 
-    r = patches.list_rankers(name).iloc[0]
+    r = models.list_rankers(name).iloc[0]
     print(f"ranker {r.model_id}: {r.scored:,} images scored")
 
 
 def cmd_ltrp_score(args) -> int:
-    from core import patches
+    from core.ltrp import models
 
-    rid = args.ranker_id or patches.require_ranker(args.name)
+    rid = args.ranker_id or models.require_ranker(args.name)
     job_id = jobs.launch("ltrp_score", args.name, {"ranker_id": rid})
     print(f"scoring {args.name!r} with {rid} (job {job_id})")
     return _run_or_detach(args, job_id)
 
 
 def cmd_ltrp_show(args) -> int:
-    from core import patches
+    from core.ltrp import models, scoring
+    from core.ltrp import view as ltrp_view
 
-    rid = args.ranker_id or patches.require_ranker(args.name)
-    image = patches.resolve_image(args.name, args.image)
-    scores, stored = patches.image_scores(args.name, rid, image)
-    view = patches.patch_view(patches.load_mae_model(rid), image.pixels, scores, args.keep)
-    out = patches.panels_png(view, args.out)
+    rid = args.ranker_id or models.require_ranker(args.name)
+    image = ltrp_view.resolve_image(args.name, args.image)
+    scores, stored = scoring.image_scores(args.name, rid, image)
+    view = ltrp_view.patch_view(models.load_mae_model(rid), image.pixels, scores, args.keep)
+    out = ltrp_view.panels_png(view, args.out)
     print(f"{image.path} ({image.label or 'not in the dataset'}, score map {'stored' if stored else 'computed now'}):"
           f" kept {len(view.keep)} of {view.scores.size} patches; wrote {out}")
     return 0
@@ -486,6 +488,3 @@ def follow(job_id: int, poll: float = 0.5) -> int:
         print(tail, file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

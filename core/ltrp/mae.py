@@ -1,5 +1,5 @@
 """Masked autoencoder (He et al., CVPR 2022): a ViT encoder that sees only the visible patches and a
-light ViT decoder that predicts every patch, the teacher behind LTRP's pseudo-scores (`core.ltrp`).
+light ViT decoder that predicts every patch, the teacher behind LTRP's pseudo-scores (`core.ltrp.ranker`).
 
 The module layout and parameter names follow the official `models_mae.MaskedAutoencoderViT`
 (facebookresearch/mae), built from timm's `PatchEmbed` and `Block`, so an official checkpoint loads
@@ -19,35 +19,43 @@ every other position is masked. Decoder sequences are `[cls, patch 0, ..., patch
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import LayerNorm
-from timm.models.vision_transformer import Block, PatchEmbed
+from timm.models.vision_transformer import PatchEmbed
 
-from core.device import autocast, needs_grad_scaler, pick_device
-from core.training import (
-    Progress, ShouldStop, TrainingCancelled, _Throttle, as_nhwc, channel_stats, pixels_view,
+from core.device import pick_device
+from core.ltrp.vit import (
+    fit_input,
+    init_vit_weights,
+    num_visible,
+    random_visible_idx,
+    sincos_pos_embed,
+    visible_mask,
+    vit_blocks,
+    with_cls_row,
 )
+from core.training.checkpoints import cpu_state, save_payload
+from core.training.loop import LoopSettings, Progress, ShouldStop, train_loop
+from core.training.pixels import as_nhwc, channel_stats, pixels_view
 
 CHECKPOINT_FORMAT = "redex-mae/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 # Heads of the official MAE models, by embedding width (the checkpoint's shapes cannot tell them).
 OFFICIAL_HEADS = {768: 12, 1024: 16, 1280: 16, 512: 16}
 OFFICIAL_DECODER_NOTE = (
     "Reconstructions, and so LTRP pseudo-scores, need the MAE decoder. Checkpoints with a decoder: "
     "the official 'visualize' ones (mae_visualize_vit_base.pth / _large.pth / _huge.pth, "
-    "https://dl.fbaipublicfiles.com/mae/visualize/), or an MAE trained here (core.mae.train_mae). "
+    "https://dl.fbaipublicfiles.com/mae/visualize/), or an MAE trained here (core.ltrp.mae.train_mae). "
     "Encoder-only, unusable here: the official mae_pretrain_vit_*.pth and timm's *.mae models "
     "(e.g. vit_base_patch16_224.mae)."
 )
@@ -125,53 +133,6 @@ def patch_size_for(size: int) -> int:
         if size % p == 0:
             return p
     raise ValueError(f"no patch size in 2..{preferred} divides the image size {size}")
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Visible patches under `mask_ratio`, MAE's `int(L * (1 - ratio))` (at least 1)."""
-    return max(1, int(num_patches * (1.0 - mask_ratio) + 1e-6))
-
-
-def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embeddings `[grid * grid, dim]`, rows in patch (row-major) order.
-
-    First half encodes the column, second half the row, as the official MAE's `get_2d_sincos_pos_embed`.
-    """
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega  # [G * G, dim / 4]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
-
-
-def random_visible_idx(batch: int, num_patches: int, visible: int, generator: torch.Generator) -> torch.Tensor:
-    """A fresh uniform random mask per row: sorted visible patch indices, int64 `[B, V]` (CPU)."""
-    noise = torch.rand(batch, num_patches, generator=generator)
-    return noise.argsort(dim=1)[:, :visible].sort(dim=1).values
-
-
-def visible_mask(visible_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """`[B, V]` indices -> bool `[B, L]`, True at visible patches."""
-    mask = torch.zeros(visible_idx.shape[0], num_patches, dtype=torch.bool, device=visible_idx.device)
-    return mask.scatter_(1, visible_idx, True)
-
-
-def isolation_attn_mask(blocked: torch.Tensor) -> torch.Tensor:
-    """bool `[M, S]` (True = token to remove) -> SDPA mask `[M, 1, S, S]` (True = may attend).
-
-    A blocked token's row and column are closed: no token attends to it and it attends to nothing
-    else (only to itself, which keeps its softmax defined). Its value therefore cannot reach any other
-    position in any block. The official LTRP code instead zeroes the blocked row; the outputs at every
-    other position are identical either way.
-    """
-    open_ = ~blocked
-    allowed = open_[:, :, None] & open_[:, None, :]
-    allowed |= torch.eye(blocked.shape[1], dtype=torch.bool, device=blocked.device)
-    return allowed[:, None]
 
 
 class MaskedAutoencoder(nn.Module):
@@ -281,131 +242,6 @@ class MaskedAutoencoder(nn.Module):
         return (per_patch * masked).sum() / masked.sum()
 
 
-def vit_blocks(dim: int, heads: int, depth: int, mlp_ratio: float) -> list[Block]:
-    """`depth` timm pre-norm ViT blocks with qkv bias (as the official MAE)."""
-    return [Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
-
-
-def with_cls_row(pos: torch.Tensor) -> torch.Tensor:
-    """`[L, D]` -> `[1, 1 + L, D]` with a zero row for the cls token."""
-    return torch.cat([torch.zeros(1, pos.shape[1]), pos])[None]
-
-
-def init_vit_weights(model: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform linears and patch projection, N(0, 0.02) cls token."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    proj = model.patch_embed.proj.weight
-    nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
-    nn.init.normal_(model.cls_token, std=0.02)
-
-
-def fit_input(x: torch.Tensor, size: int, chans: int) -> torch.Tensor:
-    """Float pixels `[B, C, H, W]` -> `[B, chans, size, size]` (gray -> RGB, bilinear resize)."""
-    if x.shape[1] != chans:
-        if x.shape[1] != 1:
-            raise ValueError(f"a {chans}-channel model cannot take {x.shape[1]}-channel images")
-        x = x.expand(-1, chans, -1, -1)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=x.shape[-1] > size).clamp(0.0, 255.0)
-    return x
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """Linear warm-up over `warmup_frac` of the steps, then cosine decay to 0."""
-    warmup = max(1, round(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); weight decay on weights and tokens, not on biases and norms (as MAE)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """Optimisation settings shared by the MAE and ranker training loops."""
-
-    epochs: int
-    batch_size: int
-    lr: float               # peak learning rate
-    weight_decay: float
-    warmup_frac: float      # share of the steps spent on the linear warm-up
-    seed: int
-
-
-LossFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def train_loop(model: nn.Module, pixels: torch.Tensor, loss_fn: LossFn, settings: LoopSettings,
-               device: torch.device, progress: Progress | None, should_stop: ShouldStop | None) -> dict[str, Any]:
-    """AdamW (0.9, 0.95) with warm-up + cosine over uint8 `pixels [N, C, H, W]` (CPU), in place.
-
-    Each epoch visits a fresh shuffle in full batches; `loss_fn(x, gen)` gets a float batch
-    `[B, C, H, W]` (0..255) on `device` and the run's generator (for masks). Autocast and loss
-    scaling on CUDA. `progress(done, total, info)` is called a few times per second and after each
-    epoch (info: epoch, step, lr, and the epoch's mean loss); `should_stop()` True raises
-    `TrainingCancelled`. Returns the loss per epoch, steps, seconds and images/s.
-    """
-    gen = torch.Generator().manual_seed(settings.seed)
-    batch = min(settings.batch_size, len(pixels))
-    per_epoch = len(pixels) // batch
-    total = settings.epochs * per_epoch
-    optimizer = adamw(model, settings.lr, settings.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
-    throttle = _Throttle()
-    curve = []
-    model.train()
-    start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(pixels), generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(per_epoch):
-            step = epoch * per_epoch + i
-            lr = cosine_lr(step, total, settings.lr, settings.warmup_frac)
-            _poll(throttle, progress, should_stop, step, total, {"epoch": epoch, "step": step, "lr": lr})
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = pixels[order[i * batch:(i + 1) * batch]].to(device).float()
-            with autocast(device):
-                loss = loss_fn(x, gen)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-        curve.append(float(loss_sum) / max(per_epoch, 1))
-        if progress is not None:
-            done = (epoch + 1) * per_epoch
-            progress(done, total, {"epoch": epoch, "step": done, "loss": curve[-1]})
-    seconds = time.perf_counter() - start
-    return {"loss_curve": curve, "train_loss": curve[-1] if curve else None, "steps": total,
-            "seconds": seconds, "images_per_s": total * batch / max(seconds, 1e-9)}
-
-
-def _poll(throttle: _Throttle, progress: Progress | None, should_stop: ShouldStop | None,
-          done: int, total: int, info: dict) -> None:
-    """At most a few times per second: raise `TrainingCancelled` if asked to, else report progress."""
-    if not throttle():
-        return
-    if should_stop is not None and should_stop():
-        raise TrainingCancelled(f"training stopped at step {done} of {total}")
-    if progress is not None:
-        progress(done, total, info)
-
-
 def train_mae(
     images: np.ndarray,
     config: MAEConfig,
@@ -422,7 +258,7 @@ def train_mae(
 
     AdamW (0.9, 0.95, weight decay 0.05), 5 % linear warm-up then cosine decay, a fresh random mask
     (`config.mask_ratio`) per image per step, mixed precision on CUDA. `progress(done, total, info)`
-    and `should_stop()` as in `core.training`. Returns the model (eval mode) and JSON-able metrics:
+    and `should_stop()` as in `core.training.loop`. Returns the model (eval mode) and JSON-able metrics:
     loss per epoch (masked-patch MSE, normalised pixels), seconds, images/s.
     """
     images = as_nhwc(images)
@@ -516,21 +352,6 @@ def load_mae(path: str | Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     model = MaskedAutoencoder(MAEConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), payload["meta"]
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as contiguous CPU tensors."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def save_payload(path: str | Path, payload: dict[str, Any]) -> None:
-    """`torch.save` a checkpoint dict (with a JSON-able 'meta') via a temporary file and a rename."""
-    json.dumps(payload["meta"])  # fail now, not at load time, on non-plain metadata
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def load_official_mae(

@@ -1,6 +1,6 @@
 """Redundant groups of a dataset: cached merge trees per class, subsets, duplicates and exports.
 
-The computation is `core.redundancy` (Birodkar et al. 2019); this module ties it to the store.
+The computation is `core.redundancy.trees` and `.cuts` (Birodkar et al. 2019); this module ties it to the store.
 What is clustered is the train split (the set a subset is taken from); other splits stay whole.
 A tree is cached per (dataset, backbone, linkage, class) with a fingerprint of its members'
 content ids, so new embeddings (another backbone, changed files) invalidate exactly the classes
@@ -9,21 +9,16 @@ they touch, and a cluster job killed half-way resumes at the first class without
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core import redundancy
-from core.datasets import get_dataset
-from core.embeddings import list_backbones, load_embeddings
+from core.embed.embeddings import list_backbones, load_embeddings
 from core.jobs import JobContext, task
-from core.store import Store, get_store, to_json
+from core.redundancy import checks, cuts, trees
+from core.store.db import Store, get_store, to_json
 
 SUBSET_SPLIT = "train"
 
@@ -72,8 +67,8 @@ def cluster(name: str, bid: str | None = None, linkage: str = "complete", *, sto
     """Build (or reuse) the merge tree of every class. Returns counts of built and reused trees."""
     store = store or get_store()
     bid = bid or default_backbone(name, store)
-    if linkage not in redundancy.LINKAGES:
-        raise ValueError(f"linkage must be one of {redundancy.LINKAGES}")
+    if linkage not in trees.LINKAGES:
+        raise ValueError(f"linkage must be one of {trees.LINKAGES}")
     table, emb = _train_embeddings(name, bid, store)
     by_class = _members_by_class(table)
     valid = _valid_fingerprints(store, name, bid, linkage)
@@ -86,7 +81,7 @@ def cluster(name: str, bid: str | None = None, linkage: str = "complete", *, sto
         if valid.get(label) == fp:
             reused += 1
         else:
-            tree = redundancy.build_class_tree(emb[pos], linkage)
+            tree = trees.build_class_tree(emb[pos], linkage)
             _save_tree(store, name, bid, linkage, label, fp, table.path.to_numpy()[pos], tree)
             built += 1
         done += len(pos)
@@ -103,7 +98,7 @@ def _valid_fingerprints(store: Store, name: str, bid: str, linkage: str) -> dict
                             " AND linkage = ?", [name, bid, linkage]))
 
 
-def _save_tree(store, name, bid, linkage, label, fp, paths, tree: redundancy.ClassTree) -> None:
+def _save_tree(store, name, bid, linkage, label, fp, paths, tree: trees.ClassTree) -> None:
     arrays, meta = tree.to_arrays()
     with store.write() as con:
         con.execute("INSERT OR REPLACE INTO trees (dataset, backbone_id, linkage, label, fingerprint, members,"
@@ -144,19 +139,19 @@ def load_clustering(name: str, bid: str | None = None, linkage: str = "complete"
             raise ValueError(f"the {linkage}-linkage tree of class {label!r} is missing or out of date:"
                              f" run `redex cluster {name} --linkage {linkage}`")
         merges = np.frombuffer(row[1], np.float64).reshape(-1, 4)
-        tree = redundancy.ClassTree.from_arrays({"linkage": merges}, json.loads(row[2]))
+        tree = trees.ClassTree.from_arrays({"linkage": merges}, json.loads(row[2]))
         classes[label] = (tree, emb[pos], pos)
     return Clustering(name, bid, linkage, table, emb, classes)
 
 
 # -- subsets -----------------------------------------------------------------------------------
 def subset(c: Clustering, *, fraction: float | None = None, threshold: float | None = None,
-           representative: str = "nearest_mean", seed: int = 0) -> redundancy.Subset:
-    return redundancy.select_subset(c.classes, fraction=fraction, threshold=threshold,
+           representative: str = "nearest_mean", seed: int = 0) -> cuts.Subset:
+    return cuts.select_subset(c.classes, fraction=fraction, threshold=threshold,
                                     representative=representative, seed=seed)
 
 
-def subset_frame(c: Clustering, s: redundancy.Subset) -> pd.DataFrame:
+def subset_frame(c: Clustering, s: cuts.Subset) -> pd.DataFrame:
     """One row per train image: path, label, split, group (global id), kept, group_size."""
     sizes = np.bincount(s.group[s.group >= 0])
     return pd.DataFrame({"path": c.table.path, "label": c.table.label, "split": c.table.split,
@@ -164,7 +159,7 @@ def subset_frame(c: Clustering, s: redundancy.Subset) -> pd.DataFrame:
                          "row": c.table.row})
 
 
-def per_class_table(s: redundancy.Subset) -> pd.DataFrame:
+def per_class_table(s: cuts.Subset) -> pd.DataFrame:
     df = pd.DataFrame(s.per_class).drop(columns="first_group")
     return df[["label", "images", "groups", "kept", "removed", "kept_fraction"]]
 
@@ -177,59 +172,6 @@ def groups_by_size(frame: pd.DataFrame, label: str | None = None, min_size: int 
     return groups.reset_index()
 
 
-EXPORT_COLUMNS = ["path", "label", "split", "group", "kept"]
-
-
-def export_rows(frame: pd.DataFrame, which: str = "all") -> pd.DataFrame:
-    """The rows to export. which: all | kept | removed."""
-    rows = {"all": frame, "kept": frame[frame.kept], "removed": frame[~frame.kept]}[which]
-    return rows[EXPORT_COLUMNS]
-
-
-def export_bytes(frame: pd.DataFrame, which: str = "all", fmt: str = "csv") -> bytes:
-    """The subset table as CSV or Parquet bytes (for a download button)."""
-    buf = io.BytesIO()
-    rows = export_rows(frame, which)
-    if fmt == "csv":
-        rows.to_csv(buf, index=False)
-    elif fmt == "parquet":
-        rows.to_parquet(buf, index=False)
-    else:
-        raise ValueError(f"format must be csv or parquet, got {fmt!r}")
-    return buf.getvalue()
-
-
-def export_table(frame: pd.DataFrame, out: str | Path, *, which: str = "all") -> Path:
-    """Write the subset table as CSV or Parquet, by the file's extension."""
-    out = Path(out)
-    fmt = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(out.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{out}: use a .csv or .parquet file name")
-    out.write_bytes(export_bytes(frame, which, fmt))
-    return out
-
-
-def export_imagefolder(name: str, frame: pd.DataFrame, out_dir: str | Path, *, copy: bool = False,
-                       store: Store | None = None) -> int:
-    """The kept images as `<out>/<split>/<label>/<file>` (symlinks, or copies). Returns the count."""
-    root = Path(get_dataset(name, store)["root"])
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} exists and is not empty")
-    kept = frame[frame.kept]
-    for path, label, split in zip(kept.path, kept.label, kept.split):
-        src = (root / path).resolve()
-        dst = out_dir / split / label / Path(path).name
-        if dst.exists() or dst.is_symlink():  # same file name in two source folders
-            dst = dst.with_name(f"{dst.stem}-{hashlib.blake2b(path.encode(), digest_size=4).hexdigest()}{dst.suffix}")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if copy:
-            shutil.copy2(src, dst)
-        else:
-            os.symlink(src, dst)
-    return len(kept)
-
-
 # -- duplicates and label conflicts ------------------------------------------------------------
 def duplicates(name: str, store: Store | None = None) -> pd.DataFrame:
     """Exact duplicates over all images: identical bytes, or identical decoded pixels."""
@@ -238,7 +180,7 @@ def duplicates(name: str, store: Store | None = None) -> pd.DataFrame:
                            " ORDER BY row", [name])
     out = []
     for kind, key in (("identical bytes", "image_id"), ("identical pixels", "pixel_hash")):
-        for gid, members in enumerate(redundancy.exact_duplicates(list(table[key]))):
+        for gid, members in enumerate(checks.exact_duplicates(list(table[key]))):
             part = table.iloc[members][["row", "path", "label", "split"]].assign(kind=kind, group=gid)
             out.append(part)
     if not out:
@@ -258,7 +200,7 @@ def label_conflicts(name: str, bid: str | None = None, threshold: float = 0.01,
     store = store or get_store()
     bid = bid or default_backbone(name, store)
     table, emb = load_embeddings(name, bid, store)
-    pairs = redundancy.cross_class_conflicts(emb, table.label.to_numpy(), threshold)
+    pairs = checks.cross_class_conflicts(emb, table.label.to_numpy(), threshold)
     a, b = table.iloc[pairs["i"]].reset_index(drop=True), table.iloc[pairs["j"]].reset_index(drop=True)
     return pd.DataFrame({"distance": pairs["distance"], "path_a": a.path, "label_a": a.label, "row_a": a.row,
                          "path_b": b.path, "label_b": b.label, "row_b": b.row})

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from core import config
-from core.datasets import get_dataset, images_table, load_pixels
+from core.data.catalog import get_dataset, images_table, load_pixels
 from core.jobs import JobContext, task
-from core.store import Store, get_store, to_json
+from core.store.db import Store, get_store, to_json
 
 EMBED_CHUNK = int(os.environ.get("REDEX_EMBED_CHUNK", "4096"))  # images per committed chunk (unit of resume)
 
@@ -26,7 +26,7 @@ EMBED_CHUNK = int(os.environ.get("REDEX_EMBED_CHUNK", "4096"))  # images per com
 # -- backbone ids and loading ------------------------------------------------------------------
 def backbone_id(dataset: str, spec: str, *, recipe: dict | None = None, checkpoint: str | None = None,
                 store: Store | None = None) -> str:
-    from core.backbones import parse_spec
+    from core.embed.backbones import parse_spec
 
     parsed = parse_spec(spec)
     if parsed.kind == "trained":
@@ -35,11 +35,11 @@ def backbone_id(dataset: str, spec: str, *, recipe: dict | None = None, checkpoi
     ds = get_dataset(dataset, store)
     ident = f"{spec}@{ds['image_size']}x{ds['channels']}"
     if checkpoint:
-        ident += "#" + _file_digest(Path(checkpoint))
+        ident += "#" + file_digest(Path(checkpoint))
     return ident
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=6)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -59,7 +59,7 @@ def list_backbones(dataset: str, store: Store | None = None):
         [dataset, dataset])
 
 
-def _labels_as_int(labels, classes: list[str]) -> np.ndarray:
+def label_indices(labels, classes: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[label] for label in labels], dtype=np.int64)
 
@@ -80,14 +80,14 @@ def training_split(name: str, store: Store, seed: int = 0):
 def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoint: str | None = None,
                     retrain: bool = False, store: Store | None = None, ctx: JobContext | None = None):
     """Load (or train, for `trained:` specs) the backbone. Returns (model, backbone_id)."""
-    from core import backbones
-    from core.training import default_recipe
+    from core.embed import backbones, timm_models
+    from core.training.recipe import default_recipe
 
     store = store or get_store()
     parsed = backbones.parse_spec(spec)
     ds = get_dataset(name, store)
     if parsed.kind != "trained":
-        model = backbones.load_timm(parsed.name, checkpoint=checkpoint)
+        model = timm_models.load_timm(parsed.name, checkpoint=checkpoint)
         bid = backbone_id(name, spec, checkpoint=checkpoint, store=store)
         _record_backbone(store, bid, None, spec, None, model.embed_dim, {})
         return model, bid
@@ -95,7 +95,7 @@ def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoi
     if epochs:
         recipe = dataclasses.replace(recipe, epochs=int(epochs))
     bid = backbone_id(name, spec, recipe=recipe.to_dict())
-    ckpt = config.artifacts_dir("backbones") / f"{_safe(bid)}.pt"
+    ckpt = config.artifacts_dir("backbones") / f"{safe_name(bid)}.pt"
     if ckpt.exists() and not retrain:
         model, _meta = backbones.load_checkpoint(ckpt)
         if ctx:
@@ -109,12 +109,12 @@ def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoi
     return model, bid
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):
-    from core import backbones
+    from core.embed import backbones
 
     ds = get_dataset(name, store)
     pixels = load_pixels(name, store)
@@ -125,12 +125,12 @@ def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):
         ctx.log(f"recipe: {to_json(recipe.to_dict())}")
 
     def report(done, total, info):
-        ctx.progress(done, total, _train_message(info))
+        ctx.progress(done, total, progress_message(info))
 
     model, metrics = backbones.train_backbone(
-        spec, np.asarray(pixels[train.row.to_numpy()]), _labels_as_int(train.label, classes), len(classes),
+        spec, np.asarray(pixels[train.row.to_numpy()]), label_indices(train.label, classes), len(classes),
         recipe=recipe, eval_images=np.asarray(pixels[held.row.to_numpy()]),
-        eval_labels=_labels_as_int(held.label, classes),
+        eval_labels=label_indices(held.label, classes),
         progress=report if ctx else None, should_stop=ctx.should_stop if ctx else None)
     metrics = dict(metrics, eval_split=held_name, classes=classes)
     if ctx:
@@ -138,7 +138,7 @@ def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):
     return model, metrics
 
 
-def _train_message(info: dict) -> str:
+def progress_message(info: dict) -> str:
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()]
     return "training: " + ", ".join(parts)
 
@@ -166,7 +166,7 @@ def embed_dataset(name: str, model, bid: str, *, store: Store | None = None, ctx
     """Embed every image that has no embedding for `bid`, committing chunk by chunk."""
     import pyarrow as pa
 
-    from core.backbones import embed_batches
+    from core.embed.backbones import embed_batches
 
     store = store or get_store()
     pixels = load_pixels(name, store)
@@ -214,76 +214,10 @@ def load_embeddings(name: str, bid: str, store: Store | None = None):
 
 @task("embed")
 def _embed_task(ctx: JobContext) -> dict:
-    from core.backbones import DEFAULT_BACKBONE
+    from core.embed.backbones import DEFAULT_BACKBONE
 
     p = ctx.params
     model, bid = ensure_backbone(ctx.dataset, p.get("backbone") or DEFAULT_BACKBONE, epochs=p.get("epochs"),
                                  checkpoint=p.get("checkpoint"), retrain=bool(p.get("retrain")),
                                  store=ctx.store, ctx=ctx)
     return embed_dataset(ctx.dataset, model, bid, store=ctx.store, ctx=ctx)
-
-
-# -- 2-D map and neighbours --------------------------------------------------------------------
-def fingerprint(table) -> str:
-    return hashlib.blake2b("".join(table.image_id).encode(), digest_size=8).hexdigest()
-
-
-def projection(name: str, bid: str, store: Store | None = None, table=None):
-    """The cached UMAP of (dataset, backbone) if it matches the current embeddings, else None.
-
-    `table`: the images table from `load_embeddings`, when the caller has it already.
-    """
-    store = store or get_store()
-    if table is None:
-        table, _ = load_embeddings(name, bid, store)
-    if table.empty:
-        return None
-    df = store.query_df("SELECT path, x, y, fingerprint FROM projections WHERE dataset = ? AND backbone_id = ?"
-                        " AND method = 'umap'", [name, bid])
-    if df.empty or df.fingerprint.iloc[0] != fingerprint(table) or len(df) != len(table):
-        return None
-    return table.merge(df.drop(columns="fingerprint"), on="path")
-
-
-def compute_projection(name: str, bid: str, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
-                       store: Store | None = None, ctx: JobContext | None = None) -> dict:
-    """UMAP (cosine) of the embeddings to 2-D, stored in the projections table."""
-    import pandas as pd
-    import umap
-
-    store = store or get_store()
-    table, emb = load_embeddings(name, bid, store)
-    if table.empty:
-        raise ValueError(f"no embeddings for {name!r} with backbone {bid}: run an embedding job first")
-    if ctx:
-        ctx.phase(f"UMAP of {len(table):,} embeddings", total=1)
-    n_neighbors = max(2, min(n_neighbors, len(table) - 1))
-    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed,
-                        init="spectral" if len(table) > n_neighbors + 2 else "random")
-    xy = reducer.fit_transform(emb) if len(table) > 2 else np.zeros((len(table), 2), np.float32)
-    out = pd.DataFrame({"dataset": name, "backbone_id": bid, "method": "umap", "fingerprint": fingerprint(table),
-                        "path": table.path, "x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)})
-    with store.write() as con:
-        con.execute("DELETE FROM projections WHERE dataset = ? AND backbone_id = ? AND method = 'umap'", [name, bid])
-        con.register("proj", out)
-        con.execute("INSERT INTO projections SELECT * FROM proj")
-    if ctx:
-        ctx.progress(1, 1, force=True)
-    return {"points": len(out)}
-
-
-@task("project")
-def _project_task(ctx: JobContext) -> dict:
-    return compute_projection(ctx.dataset, ctx.params["backbone_id"], seed=int(ctx.params.get("seed", 0)),
-                              store=ctx.store, ctx=ctx)
-
-
-def nearest_neighbours(emb: np.ndarray, index: int, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and cosine distances of the k nearest neighbours of emb[index] (itself excluded)."""
-    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    dist = 1.0 - norm @ norm[index]
-    dist[index] = np.inf
-    k = min(k, len(emb) - 1)
-    idx = np.argpartition(dist, k)[:k] if k < len(emb) - 1 else np.arange(len(emb))[np.isfinite(dist)]
-    idx = idx[np.argsort(dist[idx])]
-    return idx, dist[idx]

@@ -23,18 +23,31 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import PatchEmbed
 
 from core.device import autocast, full_precision, pick_device
-from core.mae import (
-    LoopSettings, MaskedAutoencoder, cpu_state, fit_input, init_vit_weights, isolation_attn_mask,
-    num_visible, random_visible_idx, save_payload, sincos_pos_embed, train_loop, visible_mask,
-    vit_blocks, with_cls_row,
+from core.ltrp.mae import MaskedAutoencoder
+from core.ltrp.vit import (
+    fit_input,
+    init_vit_weights,
+    isolation_attn_mask,
+    num_visible,
+    random_visible_idx,
+    sincos_pos_embed,
+    visible_mask,
+    vit_blocks,
+    with_cls_row,
 )
-from core.training import Progress, ShouldStop, as_nhwc, pixels_view
+from core.training.checkpoints import cpu_state, save_payload
+from core.training.loop import LoopSettings, Progress, ShouldStop, train_loop
+from core.training.pixels import as_nhwc, pixels_view
 
 CHECKPOINT_FORMAT = "redex-ltrp-ranker/1"
 PAPER_MASK_RATIO = 0.9  # the paper's ratio: 19 of 196 patches visible (ViT-B/16 at 224 px)
+
+
 # Default for grids of at most 64 patches (28-64 px images); see `default_mask_ratio` for the evidence.
 SMALL_GRID_MASK_RATIO = 0.75
 HEADS = ("global", "token")
+
+
 # Decoder elements (sequences x tokens x width) per batched decoder call in `pseudo_scores`.
 MAX_DECODER_ELEMENTS = 2 ** 25
 

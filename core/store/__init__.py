@@ -1,0 +1,1 @@
+"""The DuckDB store: the connection discipline (`db`) and the schema (`migrations`)."""

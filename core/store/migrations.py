@@ -1,0 +1,156 @@
+"""The store's schema: ordered migrations, applied above the file's schema_version at first use."""
+from __future__ import annotations
+
+# Ordered migrations; the store applies those above the file's schema_version at first use.
+MIGRATIONS: list[str] = [
+    # 1: the foundation.
+    """
+    CREATE TABLE datasets (
+        name        VARCHAR PRIMARY KEY,
+        kind        VARCHAR NOT NULL,          -- imagefolder | manifest | fashion-mnist
+        source      VARCHAR NOT NULL,          -- folder or manifest path as given
+        root        VARCHAR NOT NULL,          -- folder the image paths are relative to
+        options     JSON,
+        image_size  INTEGER,                   -- working size of the pixel cache (square)
+        channels    INTEGER,                   -- 1 (grayscale) or 3 (RGB)
+        pixels      VARCHAR,                   -- .npy pixel cache [N, S, S, C] uint8, rows = images.row
+        classes     VARCHAR[],
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        scanned_at  TIMESTAMP
+    );
+    CREATE TABLE images (
+        dataset     VARCHAR NOT NULL,
+        row         INTEGER NOT NULL,          -- row in the dataset's pixel cache
+        path        VARCHAR NOT NULL,          -- relative to the dataset root
+        image_id    VARCHAR NOT NULL,          -- content id: hash of the file's bytes
+        pixel_hash  VARCHAR NOT NULL,          -- hash of the decoded pixels
+        label       VARCHAR NOT NULL,
+        split       VARCHAR NOT NULL,          -- train | val | test
+        width       INTEGER, height INTEGER, mode VARCHAR,
+        size_bytes  BIGINT, mtime DOUBLE,
+        PRIMARY KEY (dataset, path)
+    );
+    CREATE TABLE problems (
+        dataset     VARCHAR NOT NULL,
+        path        VARCHAR NOT NULL,
+        severity    VARCHAR NOT NULL,          -- skipped (left out) | converted (kept, note)
+        reason      VARCHAR NOT NULL,
+        detail      VARCHAR,
+        PRIMARY KEY (dataset, path)
+    );
+    CREATE TABLE backbones (
+        backbone_id VARCHAR PRIMARY KEY,
+        dataset     VARCHAR,
+        spec        VARCHAR NOT NULL,
+        checkpoint  VARCHAR,
+        dim         INTEGER,
+        metrics     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE embeddings (
+        backbone_id VARCHAR NOT NULL,
+        image_id    VARCHAR NOT NULL,
+        vec         FLOAT[] NOT NULL,
+        PRIMARY KEY (backbone_id, image_id)
+    );
+    CREATE TABLE projections (
+        dataset     VARCHAR NOT NULL,
+        backbone_id VARCHAR NOT NULL,
+        method      VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,          -- of the embeddings it was computed from
+        path        VARCHAR NOT NULL,
+        x FLOAT, y FLOAT,
+        PRIMARY KEY (dataset, backbone_id, method, path)
+    );
+    CREATE SEQUENCE job_ids START 1;
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY DEFAULT nextval('job_ids'),
+        kind        VARCHAR NOT NULL,
+        dataset     VARCHAR,
+        params      JSON,
+        status      VARCHAR NOT NULL,          -- queued | running | done | failed | cancelled
+        pid         INTEGER,
+        done        BIGINT DEFAULT 0,
+        total       BIGINT,
+        rate        DOUBLE,                    -- units per second
+        phase       VARCHAR,
+        message     VARCHAR,
+        error       VARCHAR,
+        result      JSON,
+        log_path    VARCHAR,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        started_at  TIMESTAMP,
+        updated_at  TIMESTAMP,
+        finished_at TIMESTAMP
+    );
+    CREATE TABLE job_events (
+        job_id      INTEGER NOT NULL,
+        ts          TIMESTAMP DEFAULT current_timestamp,
+        level       VARCHAR NOT NULL,
+        message     VARCHAR NOT NULL
+    );
+    """,
+    # 2: redundant groups -- one merge tree per (dataset, backbone, linkage, class).
+    """
+    CREATE TABLE trees (
+        dataset     VARCHAR NOT NULL,
+        backbone_id VARCHAR NOT NULL,
+        linkage     VARCHAR NOT NULL,
+        label       VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,          -- of the members' content ids, in order
+        members     VARCHAR[] NOT NULL,        -- image paths, leaf i = members[i]
+        merges      BLOB NOT NULL,             -- float64 [n-1, 4] scipy linkage matrix
+        meta        JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (dataset, backbone_id, linkage, label)
+    );
+    """,
+    # 3: LTRP -- trained MAEs and rankers, and one score map per (ranker, image content id).
+    """
+    CREATE TABLE ltrp_models (
+        model_id    VARCHAR PRIMARY KEY,       -- cache key (kind, dataset, config, recipe, parent)
+        dataset     VARCHAR,
+        kind        VARCHAR NOT NULL,          -- mae | ranker
+        parent      VARCHAR,                   -- a ranker's MAE model_id
+        checkpoint  VARCHAR NOT NULL,
+        config      JSON,
+        metrics     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE patch_scores (
+        ranker_id   VARCHAR NOT NULL,
+        image_id    VARCHAR NOT NULL,
+        scores      FLOAT[] NOT NULL,          -- one score per patch, row-major
+        PRIMARY KEY (ranker_id, image_id)
+    );
+    """,
+    # 4: subset training -- sweeps and their runs (one row per distinct run: recipe x subset x seed).
+    """
+    CREATE SEQUENCE sweep_ids START 1;
+    CREATE TABLE sweeps (
+        id          INTEGER PRIMARY KEY DEFAULT nextval('sweep_ids'),
+        dataset     VARCHAR NOT NULL,
+        spec        JSON NOT NULL,             -- fractions, methods, seeds, recipe, subset settings
+        job_id      INTEGER,                   -- the scheduler job
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE train_runs (
+        run_key     VARCHAR PRIMARY KEY,       -- hash of everything that decides the result
+        dataset     VARCHAR NOT NULL,
+        sweep_id    INTEGER,                   -- the sweep that last asked for it
+        method      VARCHAR NOT NULL,          -- full | semantic | random
+        fraction    DOUBLE NOT NULL,
+        seed        INTEGER NOT NULL,
+        selection   JSON NOT NULL,             -- backbone, linkage, representative of the subset
+        recipe      JSON NOT NULL,
+        subset_fp   VARCHAR NOT NULL,          -- fingerprint of the training images' content ids
+        n_train     INTEGER NOT NULL,
+        status      VARCHAR NOT NULL,          -- pending | running | done | failed | cancelled
+        job_id      INTEGER,
+        metrics     JSON,
+        error       VARCHAR,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    );
+    """,
+]
