@@ -19,8 +19,10 @@ from core import config
 from core.data.catalog import get_dataset, images_table, load_pixels
 from core.jobs import JobContext, task
 from core.store.db import Store, get_store, to_json
+from core.store.vectors import VectorTable
 
 EMBED_CHUNK = int(os.environ.get("REDEX_EMBED_CHUNK", "4096"))  # images per committed chunk (unit of resume)
+EMBEDDINGS = VectorTable("embeddings", key="backbone_id", column="vec")
 
 
 # -- backbone ids and loading ------------------------------------------------------------------
@@ -49,14 +51,11 @@ def file_digest(path: Path) -> str:
 
 def list_backbones(dataset: str, store: Store | None = None):
     """Backbones with embeddings for this dataset, newest first, with how many images they cover."""
-    store = store or get_store()
-    return store.query_df(
-        "SELECT b.backbone_id, b.spec, b.dim, TRY_CAST(b.metrics->>'test_top1' AS DOUBLE) AS accuracy,"
-        " b.metrics->>'eval_split' AS eval_split, b.metrics, b.created_at, count(e.image_id) AS embedded"
-        " FROM backbones b LEFT JOIN embeddings e ON e.backbone_id = b.backbone_id"
-        "  AND e.image_id IN (SELECT image_id FROM images WHERE dataset = ?)"
-        " WHERE b.dataset = ? OR b.dataset IS NULL GROUP BY ALL ORDER BY b.created_at DESC",
-        [dataset, dataset])
+    return EMBEDDINGS.with_coverage(
+        dataset, "SELECT backbone_id, spec, dim, TRY_CAST(metrics->>'test_top1' AS DOUBLE) AS accuracy,"
+        " metrics->>'eval_split' AS eval_split, metrics, created_at FROM backbones"
+        " WHERE dataset = ? OR dataset IS NULL ORDER BY created_at DESC", [dataset], store or get_store(),
+        key_column="backbone_id", count_column="embedded")
 
 
 def label_indices(labels, classes: list[str]) -> np.ndarray:
@@ -104,8 +103,7 @@ def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoi
     model, metrics = _train(name, spec, recipe, store, ctx)
     backbones.save_checkpoint(model, ckpt, {"backbone_id": bid, "dataset": name, "recipe": recipe.to_dict()})
     _record_backbone(store, bid, name, spec, str(ckpt), model.embed_dim, metrics)
-    # A retrained backbone makes the old embeddings stale.
-    store.execute("DELETE FROM embeddings WHERE backbone_id = ?", [bid])
+    EMBEDDINGS.delete(bid, store)  # a retrained backbone makes the old embeddings stale
     return model, bid
 
 
@@ -154,62 +152,29 @@ def _record_backbone(store: Store, bid: str, dataset: str | None, spec: str, che
 # -- embedding ---------------------------------------------------------------------------------
 def missing_rows(name: str, bid: str, store: Store) -> np.ndarray:
     """Pixel-cache rows of images with no embedding yet (one row per content id), ascending."""
-    rows = store.query(
-        "SELECT min(i.row) FROM images i WHERE i.dataset = ? AND NOT EXISTS ("
-        " SELECT 1 FROM embeddings e WHERE e.backbone_id = ? AND e.image_id = i.image_id)"
-        " GROUP BY i.image_id ORDER BY 1", [name, bid])
-    return np.array([r[0] for r in rows], dtype=np.int64)
+    return EMBEDDINGS.missing(name, bid, store)[0]
 
 
 def embed_dataset(name: str, model, bid: str, *, store: Store | None = None, ctx: JobContext | None = None,
                   batch_size: int = 256) -> dict:
     """Embed every image that has no embedding for `bid`, committing chunk by chunk."""
-    import pyarrow as pa
-
     from core.embed.backbones import embed_batches
 
     store = store or get_store()
     pixels = load_pixels(name, store)
-    table = images_table(name, store)
-    todo = missing_rows(name, bid, store)
-    total_unique = table.image_id.nunique()
-    already = total_unique - len(todo)
-    if ctx:
-        ctx.phase(f"embed with {bid}", total=total_unique)
-        ctx.resume_from(already)
-        if already:
-            ctx.log(f"resuming: {already:,} of {total_unique:,} images already embedded")
-    ids = table.image_id.to_numpy()
-    done = already
-    for start in range(0, len(todo), EMBED_CHUNK):
-        rows = todo[start:start + EMBED_CHUNK]
-        feats = np.concatenate([f for _, _, f in embed_batches(model, np.asarray(pixels[rows]),
-                                                               batch_size=batch_size)])
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.astype(np.float32).ravel()), feats.shape[1])
-        chunk = pa.table({"image_id": pa.array(ids[rows]), "vec": vec})
-        with store.write() as con:
-            con.register("chunk", chunk)
-            con.execute("INSERT OR REPLACE INTO embeddings SELECT ?, image_id, vec::FLOAT[] FROM chunk", [bid])
-        done += len(rows)
-        if ctx:
-            ctx.progress(done, total_unique, f"embedded {done:,} / {total_unique:,}", force=True)
-    return {"backbone_id": bid, "embedded": int(len(todo)), "reused": int(already), "total": int(total_unique)}
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        return np.concatenate([f for _, _, f in embed_batches(model, np.asarray(pixels[rows]),
+                                                              batch_size=batch_size)])
+
+    filled = EMBEDDINGS.compute_and_store(name, bid, embed, store, chunk=EMBED_CHUNK, ctx=ctx,
+                                          phase=f"embed with {bid}", verb="embedded")
+    return {"backbone_id": bid, "embedded": filled.computed, "reused": filled.reused, "total": filled.total}
 
 
 def load_embeddings(name: str, bid: str, store: Store | None = None):
     """(images DataFrame, float32 [N, D]) for the dataset's images that have an embedding, by row."""
-    store = store or get_store()
-    with store.read() as con:
-        arrow = con.sql(
-            "SELECT i.row, i.path, i.image_id, i.label, i.split, e.vec FROM images i"
-            " JOIN embeddings e ON e.image_id = i.image_id AND e.backbone_id = $bid"
-            " WHERE i.dataset = $name ORDER BY i.row", params={"bid": bid, "name": name}).to_arrow_table()
-    vec = arrow.column("vec").combine_chunks()
-    table = arrow.drop(["vec"]).to_pandas()
-    if len(table) == 0:
-        return table, np.zeros((0, 0), np.float32)
-    flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return table, flat.reshape(len(table), -1)
+    return EMBEDDINGS.load(name, bid, store or get_store())
 
 
 @task("embed")

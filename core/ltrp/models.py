@@ -20,6 +20,9 @@ from core.embed.embeddings import (
 )
 from core.jobs import JobContext
 from core.store.db import Store, get_store, to_json
+from core.store.vectors import VectorTable
+
+PATCH_SCORES = VectorTable("patch_scores", key="ranker_id", column="scores")  # one map per (ranker, image)
 
 
 # -- settings and model ids --------------------------------------------------------------------
@@ -212,7 +215,7 @@ def ensure_ranker(name: str, mae, mae_id: str, settings: LtrpSettings, *, retrai
         eval_images=np.asarray(pixels[(held.row.to_numpy() if len(held) else rows)[:512]]), **_callbacks(ctx))
     metrics["eval_split"] = held_name
     ltrp_ranker.save_ranker(ranker, ckpt, {"model_id": rid, "dataset": name, "mae": mae_id})
-    store.execute("DELETE FROM patch_scores WHERE ranker_id = ?", [rid])
+    PATCH_SCORES.delete(rid, store)
     _record_model(store, rid, name, "ranker", mae_id, str(ckpt), cfg.to_dict(), metrics)
     if ctx:
         agree = metrics["agreement"]
@@ -234,13 +237,10 @@ def train_ltrp(name: str, settings: LtrpSettings | None = None, *, checkpoint: s
 # -- reading models and scores -----------------------------------------------------------------
 def list_rankers(name: str, store: Store | None = None):
     """The dataset's rankers, newest first: model_id, parent (MAE id), metrics, created_at, scored."""
-    store = store or get_store()
-    return store.query_df(
-        "SELECT m.model_id, m.parent, m.metrics, m.created_at, count(s.image_id) AS scored"
-        " FROM ltrp_models m LEFT JOIN patch_scores s ON s.ranker_id = m.model_id"
-        "  AND s.image_id IN (SELECT image_id FROM images WHERE dataset = ?)"
-        " WHERE m.kind = 'ranker' AND m.dataset = ? GROUP BY ALL ORDER BY m.created_at DESC, m.model_id",
-        [name, name])
+    return PATCH_SCORES.with_coverage(
+        name, "SELECT model_id, parent, metrics, created_at FROM ltrp_models WHERE kind = 'ranker' AND dataset = ?"
+        " ORDER BY created_at DESC, model_id", [name], store or get_store(), key_column="model_id",
+        count_column="scored")
 
 
 def require_ranker(name: str, store: Store | None = None) -> str:
