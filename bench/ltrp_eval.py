@@ -25,14 +25,13 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm
-from timm.models.vision_transformer import PatchEmbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,8 +40,8 @@ from core.data import idx
 from core.device import pick_device
 from core.ltrp import ranker as ltrp_ranker
 from core.ltrp.mae import MAEConfig, train_mae
-from core.ltrp.vit import init_vit_weights, sincos_pos_embed, vit_blocks, with_cls_row
-from core.training.optim import adamw, cosine_lr
+from core.ltrp.vit import ViTEncoder
+from core.training.optim import OptimSettings, make_optimizer
 from core.training.pixels import channel_stats, pixels_view
 
 KEEP_RATIOS = (0.25, 0.5, 0.75)
@@ -75,30 +74,31 @@ def parse_args() -> argparse.Namespace:
 
 
 # -- the classifier that sees only the kept patches --------------------------------------------
-class KeptPatchViT(nn.Module):
+@dataclass(frozen=True)
+class KeptPatchConfig:
+    """The classifier's ViT (the fields `ViTEncoder` reads)."""
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+class KeptPatchViT(ViTEncoder):
     """ViT classifier over a subset of patch tokens: `[B, C, H, W]` pixels and `keep [B, K]` -> logits."""
 
     def __init__(self, img_size: int, patch: int, chans: int, dim: int, depth: int, classes: int,
                  mean: list[float], std: list[float]):
-        super().__init__()
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1))
-        self.patch_embed = PatchEmbed(img_size, patch, chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", with_cls_row(sincos_pos_embed(dim, img_size // patch)))
-        self.blocks = nn.ModuleList(vit_blocks(dim, max(1, dim // 32), depth, 4.0))
-        self.norm = LayerNorm(dim)
+        super().__init__(KeptPatchConfig(img_size, patch, chans, dim, depth, max(1, dim // 32)))
+        self.set_stats(mean, std)
         self.head = nn.Linear(dim, classes)
-        init_vit_weights(self)
+        self.initialize_weights()
 
     def forward(self, pixels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_embed((pixels / 255.0 - self.pixel_mean) / self.pixel_std) + self.pos_embed[:, 1:]
-        tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(pixels), -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.head(self.norm(tokens[:, 0]))
+        return self.head(self.encode(self.normalize(pixels), keep)[:, 0])
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, args, mean, std, seed: int,
@@ -109,7 +109,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, args,
     """
     torch.manual_seed(seed)
     model = KeptPatchViT(28, 4, 1, args.dim, args.depth, 10, mean, std).to(x.device)
-    opt = adamw(model, lr, 0.05)
+    optim = OptimSettings("adamw", lr, 0.05, "cosine", 0.05, beta2=0.95)
+    opt = make_optimizer(model, optim)
     gen = torch.Generator().manual_seed(seed)
     batch = args.batch
     per_epoch = len(x) // batch
@@ -119,7 +120,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, args,
         order = torch.randperm(len(x), generator=gen).to(x.device)
         for i in range(per_epoch):
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(epoch * per_epoch + i, total, lr, 0.05)
+                group["lr"] = optim.lr_at(epoch * per_epoch + i, total)
             b = order[i * batch:(i + 1) * batch]
             loss = F.cross_entropy(model(x[b].float(), keep[b]), y[b], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)

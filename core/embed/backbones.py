@@ -11,8 +11,6 @@ features of a uint8 array batch by batch. The spec's full name (`str(spec)`) goe
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +22,7 @@ import torch.nn as nn
 from core.device import autocast, pick_device
 from core.embed.resnet import ARCHS, CifarResNet
 from core.embed.timm_models import check_timm_name
+from core.training.checkpoints import load_model, save_model
 from core.training.classifier import Normalized, train_classifier
 from core.training.loop import Progress, ShouldStop
 from core.training.pixels import as_nhwc, pixels_view, to_batch
@@ -119,32 +118,16 @@ def save_checkpoint(model: Normalized, path: str | Path, meta: dict[str, Any]) -
     build = getattr(model, "build_args", None)
     if build is None:
         raise TypeError("only models made by build_model/train_backbone can be saved")
-    json.dumps(meta)  # fail here, not at load time, if meta holds non-plain types
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        **asdict(build),
-        "mean": model.mean.flatten().tolist(),
-        "std": model.std.flatten().tolist(),
-        "meta": meta,
-        "state_dict": state,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_model(path, CHECKPOINT_FORMAT, model, meta, **asdict(build),
+               mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist())
 
 
 def load_checkpoint(path: str | Path) -> tuple[Normalized, dict[str, Any]]:
     """Rebuild a saved backbone (eval mode, on CPU); loads with `weights_only=True`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a redex backbone checkpoint ({CHECKPOINT_FORMAT})")
-    build = BuildArgs(payload["spec"], payload["num_classes"], payload["in_chans"], payload["image_size"])
-    model = build_model(build.spec, build.num_classes, build.in_chans, build.image_size)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload["meta"]
+    def build(payload: dict[str, Any]) -> Normalized:
+        return build_model(payload["spec"], payload["num_classes"], payload["in_chans"], payload["image_size"])
+
+    return load_model(path, CHECKPOINT_FORMAT, "backbone", build)
 
 
 def embed_batches(

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm
-from timm.models.vision_transformer import PatchEmbed
 
 from core.device import pick_device
 from core.ltrp.vit import (
-    fit_input,
-    init_vit_weights,
+    PatchGridConfig,
+    ViTEncoder,
     num_visible,
     random_visible_idx,
     sincos_pos_embed,
@@ -41,8 +40,8 @@ from core.ltrp.vit import (
     vit_blocks,
     with_cls_row,
 )
-from core.training.checkpoints import cpu_state, save_payload
-from core.training.loop import LoopSettings, Progress, ShouldStop, train_loop
+from core.training.checkpoints import load_model, read_weights, save_model
+from core.training.loop import LoopSettings, Progress, ShouldStop, train_on_pixels
 from core.training.pixels import as_nhwc, channel_stats, pixels_view
 
 CHECKPOINT_FORMAT = "redex-mae/1"
@@ -66,7 +65,7 @@ class MAEHasNoDecoder(ValueError):
 
 
 @dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(PatchGridConfig):
     """Architecture of a masked autoencoder (saved in its checkpoint)."""
 
     img_size: int = 28
@@ -93,14 +92,6 @@ class MAEConfig:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
 
     @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
-    @property
     def patch_dim(self) -> int:
         return self.patch_size ** 2 * self.in_chans
 
@@ -108,19 +99,11 @@ class MAEConfig:
     def for_image(cls, size: int, chans: int) -> MAEConfig:
         """The small CPU default for square `size` px images with `chans` channels (0.44 M parameters).
 
-        On Fashion-MNIST, `train_mae`'s defaults (2 epochs of the 60k training images) take 114 s on
-        2 idle CPU cores and reach a masked MSE of 0.24 (normalised pixels) on the test images.
+        Its measured training times and masked MSE on Fashion-MNIST are in docs/benchmarks.md (LTRP).
         """
         if chans not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {chans}")
         return cls(img_size=size, patch_size=patch_size_for(size), in_chans=chans)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MAEConfig:
-        return cls(**data)
 
 
 def patch_size_for(size: int) -> int:
@@ -135,19 +118,11 @@ def patch_size_for(size: int) -> int:
     raise ValueError(f"no patch size in 2..{preferred} divides the image size {size}")
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(ViTEncoder):
     """MAE with the official module names (`patch_embed`, `blocks`, `decoder_blocks`, ...)."""
 
     def __init__(self, cfg: MAEConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("pixel_mean", torch.zeros(1, cfg.in_chans, 1, 1))
-        self.register_buffer("pixel_std", torch.ones(1, cfg.in_chans, 1, 1))
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("pos_embed", with_cls_row(sincos_pos_embed(cfg.embed_dim, cfg.grid)))
-        self.blocks = nn.ModuleList(vit_blocks(cfg.embed_dim, cfg.heads, cfg.depth, cfg.mlp_ratio))
-        self.norm = LayerNorm(cfg.embed_dim)
+        super().__init__(cfg)
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self.register_buffer("decoder_pos_embed",
@@ -156,25 +131,8 @@ class MaskedAutoencoder(nn.Module):
             vit_blocks(cfg.decoder_embed_dim, cfg.decoder_heads, cfg.decoder_depth, cfg.mlp_ratio))
         self.decoder_norm = LayerNorm(cfg.decoder_embed_dim)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_dim)
-        init_vit_weights(self)
+        self.initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
-
-    @property
-    def device(self) -> torch.device:
-        return self.cls_token.device
-
-    def set_stats(self, mean: list[float], std: list[float]) -> None:
-        """Per-channel pixel mean/std in 0..1 units."""
-        self.pixel_mean.copy_(torch.tensor(mean).view_as(self.pixel_mean))
-        self.pixel_std.copy_(torch.tensor(std).view_as(self.pixel_std))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pixels `[B, C', H', W']` (0..255) -> normalised `[B, C, H, W]` at the model's size.
-
-        Grayscale becomes RGB for a 3-channel model; other sizes are resized (bilinear).
-        """
-        x = fit_input(x.to(self.pixel_mean.dtype), self.cfg.img_size, self.cfg.in_chans)
-        return (x / 255.0 - self.pixel_mean) / self.pixel_std
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, L, p * p * C]`."""
@@ -196,16 +154,6 @@ class MaskedAutoencoder(nn.Module):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         return target
-
-    def encode(self, x: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
-        """Normalised `[B, C, H, W]` and `visible_idx [B, V]` -> latent `[B, 1 + V, D]` (cls first)."""
-        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
-        tokens = tokens.gather(1, visible_idx[..., None].expand(-1, -1, tokens.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
 
     def decoder_tokens(self, latent: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
         """Latent `[B, 1 + V, D]` -> decoder input `[B, 1 + L, Dd]`: mask tokens where not visible."""
@@ -273,10 +221,7 @@ def train_mae(
         return model.loss(x, random_visible_idx(len(x), config.num_patches, visible, gen).to(device))
 
     settings = LoopSettings(epochs, batch_size, lr, weight_decay=0.05, warmup_frac=0.05, seed=seed)
-    try:
-        fit = train_loop(model, pixels_view(images), loss_fn, settings, device, progress, should_stop)
-    finally:
-        model.eval()
+    fit = train_on_pixels(model, pixels_view(images), loss_fn, settings, device, progress, should_stop)
     return model, {**fit, "device": str(device), "config": config.to_dict(), "recipe": dataclasses.asdict(settings)}
 
 
@@ -340,18 +285,13 @@ def _to_uint8(model: MaskedAutoencoder, x: torch.Tensor) -> np.ndarray:
 
 def save_mae(model: MaskedAutoencoder, path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """Write config, weights (incl. pixel stats) and JSON-able `meta` to `path`, atomically."""
-    save_payload(path, {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "meta": meta or {},
-                        "state_dict": cpu_state(model)})
+    save_model(path, CHECKPOINT_FORMAT, model, meta or {}, config=model.cfg.to_dict())
 
 
 def load_mae(path: str | Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """Rebuild a saved MAE (eval mode, CPU) with `torch.load(weights_only=True)`; returns `(model, meta)`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a redex MAE checkpoint ({CHECKPOINT_FORMAT})")
-    model = MaskedAutoencoder(MAEConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload["meta"]
+    return load_model(path, CHECKPOINT_FORMAT, "MAE",
+                      lambda payload: MaskedAutoencoder(MAEConfig.from_dict(payload["config"])))
 
 
 def load_official_mae(
@@ -381,7 +321,7 @@ def _official_state(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
     """Unwrap `{'model': ...}` and DDP's `module.` prefix; check that a decoder is present."""
     state = checkpoint
     if not isinstance(state, dict):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = read_weights(checkpoint)
     if isinstance(state.get("model"), dict):
         state = state["model"]
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -1,4 +1,4 @@
-"""LTRP, Learning to Rank Patches (Luo et al., CVPR 2024): see docs/METHODS.md, section 2.
+"""LTRP, Learning to Rank Patches (Luo et al., CVPR 2024): see docs/methods.md, section 2.
 
 1. Pseudo-scores from a frozen MAE (`pseudo_scores`): a fresh random mask per image; the visible
    patches are encoded once; the decoder runs once with every visible token (the anchor) and once
@@ -19,24 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm
-from timm.models.vision_transformer import PatchEmbed
 
 from core.device import autocast, full_precision, pick_device
 from core.ltrp.mae import MaskedAutoencoder
 from core.ltrp.vit import (
-    fit_input,
-    init_vit_weights,
+    PatchGridConfig,
+    ViTEncoder,
     isolation_attn_mask,
     num_visible,
     random_visible_idx,
-    sincos_pos_embed,
     visible_mask,
-    vit_blocks,
-    with_cls_row,
 )
-from core.training.checkpoints import cpu_state, save_payload
-from core.training.loop import LoopSettings, Progress, ShouldStop, train_loop
+from core.training.checkpoints import load_model, save_model
+from core.training.loop import LoopSettings, Progress, ShouldStop, train_on_pixels
 from core.training.pixels import as_nhwc, pixels_view
 
 CHECKPOINT_FORMAT = "redex-ltrp-ranker/1"
@@ -178,7 +173,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class RankerConfig:
+class RankerConfig(PatchGridConfig):
     """A small ViT that scores patch positions (saved in its checkpoint).
 
     `head`: 'global' maps the cls token to L scores, one per patch position, as the official code
@@ -203,67 +198,27 @@ class RankerConfig:
         if self.img_size % self.patch_size or self.embed_dim % 4 or self.embed_dim % self.heads:
             raise ValueError("need img_size % patch_size == 0 and embed_dim divisible by 4 and by heads")
 
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
     @classmethod
     def for_mae(cls, mae: MaskedAutoencoder, **overrides: Any) -> RankerConfig:
         """The default ranker for `mae`'s patch grid (same image size, patch size and channels)."""
         c = mae.cfg
         return cls(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RankerConfig:
-        return cls(**data)
-
-
-class Ranker(nn.Module):
+class Ranker(ViTEncoder):
     """Raw pixels `[B, C, H, W]` -> one score per patch position (sin-cos positions, cls token)."""
 
     def __init__(self, cfg: RankerConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("pixel_mean", torch.zeros(1, cfg.in_chans, 1, 1))
-        self.register_buffer("pixel_std", torch.ones(1, cfg.in_chans, 1, 1))
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("pos_embed", with_cls_row(sincos_pos_embed(cfg.embed_dim, cfg.grid)))
-        self.blocks = nn.ModuleList(vit_blocks(cfg.embed_dim, cfg.heads, cfg.depth, cfg.mlp_ratio))
-        self.norm = LayerNorm(cfg.embed_dim)
+        super().__init__(cfg)
         self.head = nn.Linear(cfg.embed_dim, 1 if cfg.head == "token" else cfg.num_patches)
-        init_vit_weights(self)
-
-    @property
-    def device(self) -> torch.device:
-        return self.cls_token.device
-
-    def copy_stats(self, mae: MaskedAutoencoder) -> None:
-        """Use the MAE's pixel normalisation."""
-        self.pixel_mean.copy_(mae.pixel_mean)
-        self.pixel_std.copy_(mae.pixel_std)
+        self.initialize_weights()
 
     def forward(self, pixels: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Raw pixels `[B, C, H, W]` -> scores `[B, L]`, or `[B, V]` of the patches `visible_idx [B, V]`.
 
         With `visible_idx` only those patches enter the transformer (asymmetric training input).
         """
-        x = fit_input(pixels.to(self.pixel_mean.dtype), self.cfg.img_size, self.cfg.in_chans)
-        tokens = self.patch_embed((x / 255.0 - self.pixel_mean) / self.pixel_std) + self.pos_embed[:, 1:]
-        if visible_idx is not None:
-            tokens = tokens.gather(1, visible_idx[..., None].expand(-1, -1, tokens.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        tokens = self.norm(tokens)
+        tokens = self.encode(self.normalize(pixels), visible_idx)
         if self.cfg.head == "token":
             return self.head(tokens[:, 1:]).squeeze(-1)
         scores = self.head(tokens[:, 0])  # [B, L]
@@ -292,8 +247,7 @@ def train_ranker(
     ListMLE. AdamW (0.9, 0.95), weight decay 0.06, 10 % warm-up then cosine decay. Metrics include
     the agreement (Spearman, Kendall) between ranker scores and pseudo-scores on held-out masks of
     `eval_images` (default: the first 512 training images), before and after training. The MAE is
-    moved to `device` and frozen. Fashion-MNIST, default configs: 20k images (one epoch) take 92 s on
-    2 idle CPU cores; Spearman on held-out masks goes from -0.53 (untrained) to 0.83.
+    moved to `device` and frozen. Measured times and agreement on Fashion-MNIST: docs/benchmarks.md (LTRP).
     """
     images = as_nhwc(images)
     device = torch.device(device) if device is not None else pick_device()
@@ -312,10 +266,7 @@ def train_ranker(
 
     settings = LoopSettings(epochs, batch_size, lr, weight_decay=0.06, warmup_frac=0.1, seed=seed)
     before = ranking_agreement(ranker, mae, eval_images, mask_ratio=mask_ratio)
-    try:
-        fit = train_loop(ranker, pixels_view(images), loss_fn, settings, device, progress, should_stop)
-    finally:
-        ranker.eval()
+    fit = train_on_pixels(ranker, pixels_view(images), loss_fn, settings, device, progress, should_stop)
     after = ranking_agreement(ranker, mae, eval_images, mask_ratio=mask_ratio)
     return ranker, {**fit, "agreement_before": before, "agreement": after, "mask_ratio": mask_ratio,
                     "device": str(device), "config": config.to_dict(), "recipe": dataclasses.asdict(settings)}
@@ -389,15 +340,10 @@ def score_map_image(scores: np.ndarray, grid: int | tuple[int, int]) -> np.ndarr
 
 def save_ranker(ranker: Ranker, path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """Write config, weights (incl. pixel stats) and JSON-able `meta` to `path`, atomically."""
-    save_payload(path, {"format": CHECKPOINT_FORMAT, "config": ranker.cfg.to_dict(), "meta": meta or {},
-                        "state_dict": cpu_state(ranker)})
+    save_model(path, CHECKPOINT_FORMAT, ranker, meta or {}, config=ranker.cfg.to_dict())
 
 
 def load_ranker(path: str | Path) -> tuple[Ranker, dict[str, Any]]:
     """Rebuild a saved ranker (eval mode, CPU) with `torch.load(weights_only=True)`; returns `(ranker, meta)`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a redex LTRP ranker checkpoint ({CHECKPOINT_FORMAT})")
-    ranker = Ranker(RankerConfig.from_dict(payload["config"]))
-    ranker.load_state_dict(payload["state_dict"])
-    return ranker.eval(), payload["meta"]
+    return load_model(path, CHECKPOINT_FORMAT, "LTRP ranker",
+                      lambda payload: Ranker(RankerConfig.from_dict(payload["config"])))

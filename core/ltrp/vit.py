@@ -1,10 +1,20 @@
-"""ViT building blocks shared by the MAE and the ranker, and patch masks."""
+"""The ViT encoder the MAE and the ranker share (`ViTEncoder`), its building blocks, and patch masks.
+
+Module and buffer names follow the official MAE (`patch_embed`, `cls_token`, `pos_embed`, `blocks`,
+`norm`) plus `pixel_mean`/`pixel_std`, so state dicts and official checkpoints load 1:1.
+"""
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from core.training.pixels import PixelStats
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -64,20 +74,6 @@ def with_cls_row(pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, pos.shape[1]), pos])[None]
 
 
-def init_vit_weights(model: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform linears and patch projection, N(0, 0.02) cls token."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    proj = model.patch_embed.proj.weight
-    nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
-    nn.init.normal_(model.cls_token, std=0.02)
-
-
 def fit_input(x: torch.Tensor, size: int, chans: int) -> torch.Tensor:
     """Float pixels `[B, C, H, W]` -> `[B, chans, size, size]` (gray -> RGB, bilinear resize)."""
     if x.shape[1] != chans:
@@ -88,3 +84,92 @@ def fit_input(x: torch.Tensor, size: int, chans: int) -> torch.Tensor:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=x.shape[-1] > size).clamp(0.0, 255.0)
     return x
+
+
+class PatchGridConfig:
+    """Mixin for the frozen dataclass config of a ViT over square images (`MAEConfig`, `RankerConfig`):
+    its patch grid, and the plain dict saved in checkpoints."""
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**data)
+
+
+class ViTShape(Protocol):
+    """What `ViTEncoder` reads from a model's config (`MAEConfig`, `RankerConfig`)."""
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+
+
+class ViTEncoder(PixelStats, nn.Module):
+    """Raw pixels `[B, C, H, W]` -> ViT tokens `[B, 1 + V, D]` (cls first) of all or some patches.
+
+    Fixed sin-cos position embeddings (a buffer) and a learned cls token, timm pre-norm blocks, a
+    final norm, and the per-channel pixel mean/std (`PixelStats`). Subclasses add their heads and
+    then call `initialize_weights`.
+    """
+
+    def __init__(self, cfg: ViTShape):
+        super().__init__()
+        self.cfg = cfg
+        self.register_stats(cfg.in_chans)
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.register_buffer("pos_embed", with_cls_row(sincos_pos_embed(cfg.embed_dim, grid)))
+        self.blocks = nn.ModuleList(vit_blocks(cfg.embed_dim, cfg.heads, cfg.depth, cfg.mlp_ratio))
+        self.norm = LayerNorm(cfg.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_token.device
+
+    def initialize_weights(self) -> None:
+        """MAE's initialisation: xavier-uniform linears and patch projection, N(0, 0.02) cls token."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels `[B, C', H', W']` (0..255) -> normalised `[B, C, H, W]` at the model's size.
+
+        Grayscale becomes RGB for a 3-channel model; other sizes are resized (bilinear).
+        """
+        x = fit_input(x.to(self.pixel_mean.dtype), self.cfg.img_size, self.cfg.in_chans)
+        return self.scale_pixels(x)
+
+    def encode(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised `[B, C, H, W]` -> tokens `[B, 1 + V, D]` of the patches `visible_idx [B, V]`
+        (sorted), or `[B, 1 + L, D]` of all patches without it; cls first, after the final norm."""
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
+        if visible_idx is not None:
+            tokens = tokens.gather(1, visible_idx[..., None].expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)

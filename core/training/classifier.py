@@ -10,7 +10,6 @@ the training images, so a saved model needs nothing else to embed or classify ra
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -18,16 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.device import autocast, needs_grad_scaler, pick_device
-from core.training.loop import (
-    Progress,
-    ShouldStop,
-    Throttle,
-    TrainingCancelled,
-    batch_indices,
-)
-from core.training.optim import lr_at, make_optimizer
+from core.device import autocast, pick_device
+from core.training.loop import Progress, ShouldStop, Step, train_loop
+from core.training.optim import OptimSettings
 from core.training.pixels import (
+    PixelStats,
     as_nhwc,
     channel_stats,
     pixels_tensor,
@@ -37,30 +31,26 @@ from core.training.pixels import (
 from core.training.recipe import Recipe
 
 
-class Normalized(nn.Module):
+class Normalized(PixelStats, nn.Module):
     """Raw pixels `[N, C, H, W]` (0..255) -> `(x / 255 - mean) / std` per channel -> `net`.
 
     `net` must offer `forward_features(x) -> [N, D]`, `forward(x) -> [N, classes]` and `embed_dim`.
     """
 
+    STATS = ("mean", "std")
+
     def __init__(self, net: nn.Module, in_chans: int):
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.zeros(1, in_chans, 1, 1))
-        self.register_buffer("std", torch.ones(1, in_chans, 1, 1))
+        self.register_stats(in_chans)
 
     @property
     def embed_dim(self) -> int:
         return self.net.embed_dim
 
-    def set_stats(self, mean: list[float], std: list[float]) -> None:
-        """Per-channel mean/std of pixel values scaled to 0..1."""
-        self.mean.copy_(torch.tensor(mean).view_as(self.mean))
-        self.std.copy_(torch.tensor(std).view_as(self.std))
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, C, H, W]` uint8/float 0..255 -> float, zero mean and unit std per channel."""
-        return (x.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        return self.scale_pixels(x.to(self.mean.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
@@ -100,8 +90,8 @@ def train_classifier(
     """Train `model` in place on uint8 `images [N, H, W, C]` with int64 `labels [N]`.
 
     Fits the model's normalisation to `images` first. `progress(done, total, info)` is called
-    a few times per second (info: epoch, step, loss, acc, lr) and once at the end;
-    `should_stop()` is polled as often, and True raises `TrainingCancelled`.
+    a few times per second (info: epoch, step, loss, acc, lr) and at the end of each epoch;
+    `should_stop()` is polled as often, and True raises `TrainingCancelled` (`core.training.loop`).
     Returns JSON-able metrics: train_loss/train_acc (last epoch, augmented data), test_top1,
     test_loss, per_class (test accuracy per class, None where absent), seconds, images_per_s.
     """
@@ -115,10 +105,7 @@ def train_classifier(
     torch.manual_seed(recipe.seed)  # any global-RNG use inside the model (dropout, drop-path)
     model.set_stats(*channel_stats(images))
     model.to(device)
-    try:
-        fit = _fit(model, images, labels, recipe, device, progress, should_stop)
-    finally:
-        model.eval()
+    fit = _fit(model, images, labels, recipe, device, progress, should_stop)
     metrics = {**fit, "device": str(device), "recipe": recipe.to_dict()}
     if eval_images is not None and eval_labels is not None:
         result = evaluate(model, eval_images, eval_labels, device=device)
@@ -129,73 +116,46 @@ def train_classifier(
 
 
 def _fit(model, images, labels, recipe, device, progress, should_stop) -> dict[str, Any]:
-    """The optimisation loop; returns loss/accuracy of the last epoch and the speed."""
-    gen = torch.Generator().manual_seed(recipe.seed)
+    """`train_loop` with the classifier's step; returns loss/accuracy of the last epoch and the speed."""
+    batch = recipe.batch_for(len(images))
+    fit = train_loop(model, _classifier_step(model, images, labels, recipe, device), ("loss", "acc"),
+                     optim_settings(recipe), n=len(images), batch=batch, total=recipe.total_steps(len(images)),
+                     seed=recipe.seed, device=device, progress=progress, should_stop=should_stop)
+    last = fit["curve"][-1]
+    return {
+        "train_loss": last["loss"],
+        "train_acc": last["acc"],
+        "steps": fit["steps"],
+        "epochs": fit["steps"] * batch / len(images),
+        "seconds": fit["seconds"],
+        "images_per_s": fit["images_per_s"],
+    }
+
+
+def optim_settings(recipe: Recipe) -> OptimSettings:
+    """The recipe's optimiser with the one-cycle schedule; AdamW's beta1 is the recipe's momentum."""
+    return OptimSettings(recipe.optimizer, recipe.lr, recipe.weight_decay, "one_cycle", recipe.warmup_frac,
+                         momentum=recipe.momentum)
+
+
+def _classifier_step(model, images, labels, recipe, device) -> Step:
+    """The loop's step: cross-entropy with label smoothing on a batch of the training set, which
+    stays on the device when it fits; sums are (loss sum, correct, batch size)."""
     pixels = pixels_tensor(images, device)
     targets = torch.from_numpy(np.array(labels)).to(device)
-    batch = recipe.batch_for(len(images))
-    total = recipe.total_steps(len(images))
-    optimizer = make_optimizer(model, recipe)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
-    throttle = Throttle()
-    sums = torch.zeros(3, device=device)  # loss sum, correct, count of the current epoch
-    last_epoch = 0
-    model.train()
-    start = time.perf_counter()
-    for step, (epoch, idx) in enumerate(batch_indices(len(images), batch, total, gen)):
-        if epoch != last_epoch:
-            sums.zero_()
-            last_epoch = epoch
-        if throttle():
-            _report(progress, should_stop, step, total, epoch, sums, optimizer)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, recipe.lr, recipe.warmup_frac)
+
+    def step(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels[idx.to(pixels.device)].to(device, non_blocking=True)
         if recipe.augmentation == "flip_crop":
             x = flip_crop(x, recipe.crop_padding, gen)
-        sums += _step(model, optimizer, scaler, to_batch(x, device), targets[idx.to(device)],
-                      recipe.label_smoothing, device)
-    seconds = time.perf_counter() - start
-    _report(progress, None, total, total, last_epoch, sums, optimizer)
-    loss_sum, correct, count = sums.tolist()
-    return {
-        "train_loss": loss_sum / max(count, 1),
-        "train_acc": correct / max(count, 1),
-        "steps": total,
-        "epochs": total * batch / len(images),
-        "seconds": seconds,
-        "images_per_s": total * batch / max(seconds, 1e-9),
-    }
+        y = targets[idx.to(device)]
+        logits = model(to_batch(x, device))
+        loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+        correct = (logits.argmax(1) == y).sum()
+        count = torch.tensor(float(len(y)), device=device)
+        return loss, torch.stack([loss.detach().float() * len(y), correct.float(), count])
 
-
-def _step(model, optimizer, scaler, x, y, label_smoothing, device) -> torch.Tensor:
-    """One optimisation step on `x [B, C, H, W]`, `y [B]`; returns (loss sum, correct, B) on device."""
-    with autocast(device):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    correct = (logits.argmax(1) == y).sum()
-    return torch.stack([loss.detach().float() * len(y), correct.float(), torch.tensor(float(len(y)), device=device)])
-
-
-def _report(progress, should_stop, done, total, epoch, sums, optimizer) -> None:
-    """Poll `should_stop` and call `progress` with running figures of the current epoch."""
-    if should_stop is not None and should_stop():
-        raise TrainingCancelled(f"training stopped at step {done} of {total}")
-    if progress is None:
-        return
-    loss_sum, correct, count = sums.tolist()
-    info = {
-        "epoch": epoch,
-        "step": done,
-        "loss": loss_sum / count if count else None,
-        "acc": correct / count if count else None,
-        "lr": optimizer.param_groups[0]["lr"],
-    }
-    progress(done, total, info)
+    return step
 
 
 @torch.inference_mode()

@@ -1,4 +1,12 @@
-"""The training loop every model uses: batches, schedule, mixed precision, progress and cancel."""
+"""The training loop every model uses: batches, schedule, mixed precision, progress and cancel.
+
+A run supplies one `Step`: given the indices of a batch into its training set and the run's
+generator, it returns the batch's loss and a 1-D tensor of sums (one per named figure, then the
+count they are means over). `train_loop` does the rest: a fresh shuffle per epoch, the optimiser
+and its learning-rate schedule (`core.training.optim`), autocast and loss scaling on CUDA, progress
+and `should_stop` polls a few times per second, the figures of each epoch, and the speed.
+The classifiers (`core.training.classifier`) and the MAE and ranker (`train_on_pixels`) use it.
+"""
 from __future__ import annotations
 
 import math
@@ -10,11 +18,13 @@ import torch
 import torch.nn as nn
 
 from core.device import autocast, needs_grad_scaler
-from core.training.optim import adamw, cosine_lr
+from core.training.optim import OptimSettings, make_optimizer
 
 PROGRESS_INTERVAL_S = 0.25
 Progress = Callable[[int, int, dict], None]
 ShouldStop = Callable[[], bool]
+# `(batch indices [B] (CPU int64), generator) -> (loss, sums [K + 1])`; runs inside autocast.
+Step = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainingCancelled(Exception):
@@ -49,9 +59,71 @@ class Throttle:
         return True
 
 
+def train_loop(model: nn.Module, step: Step, figures: tuple[str, ...], optim: OptimSettings, *,
+               n: int, batch: int, total: int, seed: int, device: torch.device,
+               progress: Progress | None = None, should_stop: ShouldStop | None = None) -> dict[str, Any]:
+    """Train `model` in place for `total` steps of `batch` of the `n` training items.
+
+    Each epoch visits a fresh shuffle (`batch_indices`, from a generator seeded with `seed`, which
+    `step` gets too). `step`'s sums are summed per epoch; `figures` names all but the last (the
+    count), and each figure is reported as its mean (sum / count). `progress(done, total, info)` is
+    called a few times per second (info: epoch, step, the running figures of the epoch, lr) and
+    at the end of each epoch (its figures); `should_stop()`, polled as often, True raises
+    `TrainingCancelled`. The model ends in eval mode, also when cancelled. Returns the figures of
+    each epoch (`curve`), steps, seconds and images/s.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    throttle = Throttle()
+    per_epoch = n // batch
+    sums = torch.zeros(len(figures) + 1, device=device)
+    curve = []
+    model.train()
+    start = time.perf_counter()
+    try:
+        for done, (epoch, idx) in enumerate(batch_indices(n, batch, total, gen)):
+            lr = optim.lr_at(done, total)
+            if throttle():
+                _poll(progress, should_stop, done, total,
+                      {"epoch": epoch, "step": done, **_means(figures, sums), "lr": lr})
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                loss, batch_sums = step(idx, gen)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums += batch_sums
+            if (done + 1) % per_epoch == 0 or done + 1 == total:
+                curve.append(_means(figures, sums))
+                sums.zero_()
+                if progress is not None:
+                    progress(done + 1, total, {"epoch": epoch, "step": done + 1, **curve[-1], "lr": lr})
+    finally:
+        model.eval()
+    seconds = time.perf_counter() - start
+    return {"curve": curve, "steps": total, "seconds": seconds, "images_per_s": total * batch / max(seconds, 1e-9)}
+
+
+def _means(figures: tuple[str, ...], sums: torch.Tensor) -> dict[str, float | None]:
+    """`sums [K + 1]` (K figure sums, then their count) -> `{figure: mean}`, None before any batch."""
+    *values, count = sums.tolist()
+    return {name: value / count if count else None for name, value in zip(figures, values)}
+
+
+def _poll(progress: Progress | None, should_stop: ShouldStop | None, done: int, total: int, info: dict) -> None:
+    """Raise `TrainingCancelled` if asked to, else report progress."""
+    if should_stop is not None and should_stop():
+        raise TrainingCancelled(f"training stopped at step {done} of {total}")
+    if progress is not None:
+        progress(done, total, info)
+
+
 @dataclass(frozen=True)
 class LoopSettings:
-    """Optimisation settings shared by the MAE and ranker training loops."""
+    """A `train_on_pixels` run (the MAE and the ranker); saved beside the model as its recipe."""
 
     epochs: int
     batch_size: int
@@ -60,62 +132,31 @@ class LoopSettings:
     warmup_frac: float      # share of the steps spent on the linear warm-up
     seed: int
 
+    def optim(self) -> OptimSettings:
+        """AdamW (0.9, 0.95), linear warm-up then cosine decay (as MAE)."""
+        return OptimSettings("adamw", self.lr, self.weight_decay, "cosine", self.warmup_frac, beta2=0.95)
+
 
 LossFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def train_loop(model: nn.Module, pixels: torch.Tensor, loss_fn: LossFn, settings: LoopSettings,
-               device: torch.device, progress: Progress | None, should_stop: ShouldStop | None) -> dict[str, Any]:
-    """AdamW (0.9, 0.95) with warm-up + cosine over uint8 `pixels [N, C, H, W]` (CPU), in place.
+def train_on_pixels(model: nn.Module, pixels: torch.Tensor, loss_fn: LossFn, settings: LoopSettings,
+                    device: torch.device, progress: Progress | None,
+                    should_stop: ShouldStop | None) -> dict[str, Any]:
+    """`train_loop` over uint8 `pixels [N, C, H, W]` (CPU) for a model whose loss needs no labels.
 
-    Each epoch visits a fresh shuffle in full batches; `loss_fn(x, gen)` gets a float batch
-    `[B, C, H, W]` (0..255) on `device` and the run's generator (for masks). Autocast and loss
-    scaling on CUDA. `progress(done, total, info)` is called a few times per second and after each
-    epoch (info: epoch, step, lr, and the epoch's mean loss); `should_stop()` True raises
-    `TrainingCancelled`. Returns the loss per epoch, steps, seconds and images/s.
+    `loss_fn(x, gen)` gets a float batch `[B, C, H, W]` (0..255) on `device` and the run's generator
+    (for masks). Progress and cancel as `train_loop` (figure: loss). Returns the mean loss per
+    epoch (`loss_curve`), the last one, steps, seconds and images/s.
     """
-    gen = torch.Generator().manual_seed(settings.seed)
     batch = min(settings.batch_size, len(pixels))
-    per_epoch = len(pixels) // batch
-    total = settings.epochs * per_epoch
-    optimizer = adamw(model, settings.lr, settings.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
-    throttle = Throttle()
-    curve = []
-    model.train()
-    start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(pixels), generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(per_epoch):
-            step = epoch * per_epoch + i
-            lr = cosine_lr(step, total, settings.lr, settings.warmup_frac)
-            _poll(throttle, progress, should_stop, step, total, {"epoch": epoch, "step": step, "lr": lr})
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = pixels[order[i * batch:(i + 1) * batch]].to(device).float()
-            with autocast(device):
-                loss = loss_fn(x, gen)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-        curve.append(float(loss_sum) / max(per_epoch, 1))
-        if progress is not None:
-            done = (epoch + 1) * per_epoch
-            progress(done, total, {"epoch": epoch, "step": done, "loss": curve[-1]})
-    seconds = time.perf_counter() - start
-    return {"loss_curve": curve, "train_loss": curve[-1] if curve else None, "steps": total,
-            "seconds": seconds, "images_per_s": total * batch / max(seconds, 1e-9)}
 
+    def step(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = loss_fn(pixels[idx].to(device).float(), gen)
+        return loss, torch.stack([loss.detach(), torch.ones((), device=device)])
 
-def _poll(throttle: Throttle, progress: Progress | None, should_stop: ShouldStop | None,
-          done: int, total: int, info: dict) -> None:
-    """At most a few times per second: raise `TrainingCancelled` if asked to, else report progress."""
-    if not throttle():
-        return
-    if should_stop is not None and should_stop():
-        raise TrainingCancelled(f"training stopped at step {done} of {total}")
-    if progress is not None:
-        progress(done, total, info)
+    fit = train_loop(model, step, ("loss",), settings.optim(), n=len(pixels), batch=batch,
+                     total=settings.epochs * (len(pixels) // batch), seed=settings.seed, device=device,
+                     progress=progress, should_stop=should_stop)
+    curve = [epoch["loss"] for epoch in fit.pop("curve")]
+    return {"loss_curve": curve, "train_loss": curve[-1] if curve else None, **fit}

@@ -1,35 +1,25 @@
-"""Optimisers and learning-rate schedules."""
+"""The optimiser factory and the learning-rate schedules every training loop uses."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from core.training.recipe import Recipe
+from core.training.recipe import OPTIMIZERS
 
 
-def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """One-cycle schedule: linear warm-up to `peak` over `warmup_frac` of the steps, then linear to 0."""
+def one_cycle_lr(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up to `peak` over `warmup_frac` of the steps, then linear decay to 0."""
     warmup = max(1, round(warmup_frac * total))
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; weight decay on weight matrices/kernels only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.momentum, 0.999))
-
-
 def cosine_lr(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """Linear warm-up over `warmup_frac` of the steps, then cosine decay to 0."""
+    """Linear warm-up to `peak` over `warmup_frac` of the steps, then cosine decay to 0."""
     warmup = max(1, round(warmup_frac * total))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -37,9 +27,38 @@ def cosine_lr(step: int, total: int, peak: float, warmup_frac: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); weight decay on weights and tokens, not on biases and norms (as MAE)."""
+# Learning-rate schedules by name: `(step, total, peak, warmup_frac) -> lr`.
+SCHEDULES = {"one_cycle": one_cycle_lr, "cosine": cosine_lr}
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimiser and learning-rate schedule of a run."""
+
+    optimizer: str            # 'sgd' (Nesterov momentum) | 'adamw'
+    lr: float                 # peak learning rate
+    weight_decay: float       # on weight matrices and kernels only (ndim > 1)
+    schedule: str             # a key of SCHEDULES
+    warmup_frac: float        # share of the steps spent on the linear warm-up
+    momentum: float = 0.9     # SGD momentum, AdamW beta1
+    beta2: float = 0.999      # AdamW beta2
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer {self.optimizer!r} / schedule {self.schedule!r}; choose from "
+                             f"{', '.join(OPTIMIZERS)} / {', '.join(SCHEDULES)}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of step `step` (0-based) of `total`."""
+        return SCHEDULES[self.schedule](step, total, self.lr, self.warmup_frac)
+
+
+def make_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over the trainable parameters; weight decay on those with ndim > 1
+    (weights, kernels, tokens), not on biases and norm parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": settings.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.momentum, settings.beta2))

@@ -1,8 +1,10 @@
-"""Image arrays as tensors: uint8 `[N, H, W, C]` arrays, their channel statistics, device batches."""
+"""Image arrays as tensors: uint8 `[N, H, W, C]` arrays, their channel statistics, device batches, and
+the per-channel normalisation of models that take raw pixels (`PixelStats`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 # Keep the training array on an accelerator only while it takes less than this share of free memory.
 DEVICE_DATA_SHARE = 0.5
@@ -57,3 +59,34 @@ def to_batch(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 `[B, C, H, W]` -> float32 0..255 on `device`, channels-last (fast convolutions)."""
     x = pixels.to(device, non_blocking=True).float()
     return x.contiguous(memory_format=torch.channels_last)
+
+
+class PixelStats:
+    """Mixin for an `nn.Module` that takes raw pixels (0..255): per-channel mean/std buffers
+    `[1, C, 1, 1]` in 0..1 units, named by `STATS` (each model keeps its checkpoints' names)."""
+
+    STATS = ("pixel_mean", "pixel_std")
+
+    def register_stats(self: nn.Module, chans: int) -> None:
+        """Register the buffers: mean 0 and std 1 for `chans` channels."""
+        self.register_buffer(self.STATS[0], torch.zeros(1, chans, 1, 1))
+        self.register_buffer(self.STATS[1], torch.ones(1, chans, 1, 1))
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (mean, std) buffers."""
+        return getattr(self, self.STATS[0]), getattr(self, self.STATS[1])
+
+    def set_stats(self, mean: list[float], std: list[float]) -> None:
+        """Per-channel mean/std of pixel values scaled to 0..1."""
+        for buffer, values in zip(self.pixel_stats(), (mean, std)):
+            buffer.copy_(torch.tensor(values).view_as(buffer))
+
+    def copy_stats(self, other: PixelStats) -> None:
+        """Use `other`'s pixel normalisation."""
+        for buffer, source in zip(self.pixel_stats(), other.pixel_stats()):
+            buffer.copy_(source)
+
+    def scale_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Float `[B, C, H, W]` 0..255 -> `(x / 255 - mean) / std` per channel."""
+        mean, std = self.pixel_stats()
+        return (x / 255.0 - mean) / std
