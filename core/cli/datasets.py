@@ -1,0 +1,58 @@
+"""`redex datasets add|list`, `redex info`: register, scan and inspect datasets."""
+from __future__ import annotations
+
+from core.cli.common import add_command, add_detach_flag, start_job
+from core.data import catalog, sources
+
+
+def add_parsers(sub) -> None:
+    ds = sub.add_parser("datasets", help="register and list datasets").add_subparsers(title="datasets commands")
+    add = add_command(ds, "add", cmd_datasets_add, dataset=False,
+                      help="register a dataset (image folder, CSV/Parquet manifest, or fashion-mnist) and scan it")
+    add.add_argument("source", help="folder, manifest file, or 'fashion-mnist'")
+    add.add_argument("--name", help="dataset name (default: from the path)")
+    add.add_argument("--limit", type=int, help="fashion-mnist only: first N images of each split")
+    add.add_argument("--image-size", type=int, help="working size in pixels (default: native if <= 64, else 64)")
+    add_detach_flag(add)
+    add_command(ds, "list", cmd_datasets_list, "list registered datasets", dataset=False)
+
+    info = add_command(sub, "info", cmd_info, "counts per class and split, and every problem file")
+    info.add_argument("--ids", action="store_true", help="list every image's content id")
+
+
+def cmd_datasets_add(args) -> int:
+    name = sources.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
+    return start_job(args, "scan", name, None, f"dataset {name!r}: scanning", after=lambda: print_summary(name))
+
+
+def cmd_datasets_list(args) -> int:
+    df = catalog.list_datasets()
+    print(df.to_string(index=False) if len(df) else "no datasets yet: `redex datasets add fashion-mnist`")
+    return 0
+
+
+def cmd_info(args) -> int:
+    catalog.get_dataset(args.name)
+    print_summary(args.name)
+    problems = catalog.problems_table(args.name)
+    if len(problems):
+        print(f"\nproblems ({len(problems)}):")
+        for r in problems.itertuples():
+            print(f"  [{r.severity}] {r.path}: {r.reason}")
+    else:
+        print("\nno problem files")
+    if args.ids:
+        print("\nimage ids:")
+        for r in catalog.images_table(args.name).itertuples():
+            print(f"  {r.image_id}  {r.split:5}  {r.label}  {r.path}")
+    return 0
+
+
+def print_summary(name: str) -> None:
+    ds = catalog.get_dataset(name)
+    counts = catalog.class_counts(name)
+    print(f"dataset {name} ({ds['kind']}: {ds['source']}), working size {ds['image_size']}px x {ds['channels']}ch")
+    print(counts.to_string(index=False) if len(counts) else "no images")
+    skipped = (catalog.problems_table(name).severity == "skipped").sum()
+    if skipped:
+        print(f"{skipped} file(s) skipped: `redex info {name}` lists them with their reasons")

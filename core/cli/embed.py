@@ -1,0 +1,39 @@
+"""`redex embed`, `redex project`: embeddings of every image, and their UMAP map."""
+from __future__ import annotations
+
+from core.cli.common import NEWEST_BACKBONE, CliError, add_command, add_detach_flag, start_job
+from core.data import catalog
+
+
+def add_parsers(sub) -> None:
+    emb = add_command(sub, "embed", cmd_embed, "embed every image (training the backbone first if needed)")
+    emb.add_argument("--backbone", help="spec: trained:resnet8s2 (default; also resnet8, resnet14, resnet20,"
+                     " resnet14s2) or timm:NAME")
+    emb.add_argument("--epochs", type=int, help="trained backbones: epochs (default: the recipe's)")
+    emb.add_argument("--checkpoint", help="timm backbones: local weights file")
+    emb.add_argument("--retrain", action="store_true", help="train the backbone again even if cached")
+    add_detach_flag(emb)
+
+    proj = add_command(sub, "project", cmd_project, "UMAP map of a dataset's embeddings")
+    proj.add_argument("--backbone-id", help=NEWEST_BACKBONE)
+    add_detach_flag(proj)
+
+
+def cmd_embed(args) -> int:
+    catalog.load_pixels(args.name)  # fail fast if it was never scanned
+    params = {k: v for k, v in {"backbone": args.backbone, "epochs": args.epochs,
+                                "checkpoint": args.checkpoint, "retrain": args.retrain}.items() if v}
+    return start_job(args, "embed", args.name, params, f"embedding {args.name!r}")
+
+
+def cmd_project(args) -> int:
+    from core.embed.embeddings import list_backbones
+
+    bid = args.backbone_id
+    if not bid:
+        backs = list_backbones(args.name)
+        backs = backs[backs.embedded > 0]
+        if backs.empty:
+            raise CliError(f"no embeddings for {args.name!r} yet: run `redex embed {args.name}` first")
+        bid = backs.backbone_id.iloc[0]
+    return start_job(args, "project", args.name, {"backbone_id": bid}, f"UMAP of {args.name!r} with {bid}")
