@@ -6,14 +6,62 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.paths import special_kind
 
 MAX_PIXELS = int(os.environ.get("REDEX_MAX_PIXELS", str(64 * 1024 * 1024)))
 SMALL_IMAGE_MAX = 64      # uniform images up to this size keep their native size
 DEFAULT_WORKING_SIZE = 64  # otherwise images are resized (short side) and centre-cropped to this
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+def max_file_bytes() -> int:
+    """Largest file read as an image (`REDEX_MAX_FILE_BYTES`, default 512 MiB)."""
+    return int(os.environ.get("REDEX_MAX_FILE_BYTES") or DEFAULT_MAX_FILE_BYTES)
+
+
+# -- reading one file --------------------------------------------------------------------------
+def check_file(path: Path) -> os.stat_result:
+    """Refuse, before any read, what is not a regular file of at most `max_file_bytes()`.
+
+    Raises `BadImage` with the reason: missing, unreadable, a device, FIFO, socket or folder (opening a
+    FIFO would block, reading /dev/zero would never end), or too large.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except (OSError, ValueError) as exc:
+        raise BadImage(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
+    kind = special_kind(st.st_mode)
+    if kind:
+        raise BadImage(f"not a regular file ({kind}): refused without reading it")
+    limit = max_file_bytes()
+    if st.st_size > limit:
+        raise BadImage(f"file too large: {st.st_size:,} bytes (limit {limit:,}; REDEX_MAX_FILE_BYTES raises it)")
+    return st
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of an image file, after `check_file`; never more than the size limit is read."""
+    size, limit = check_file(path).st_size, max_file_bytes()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)  # one byte more shows a file that grew (or reports size 0, as /proc does)
+            if len(data) > size:
+                data += f.read(limit + 1 - len(data))
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as exc:
+        raise BadImage(f"unreadable: {exc.strerror or exc}") from None
+    if len(data) > limit:  # it grew since the check
+        raise BadImage(f"file too large: over {limit:,} bytes (REDEX_MAX_FILE_BYTES raises it)")
+    return data
 
 
 # -- decoding one image ------------------------------------------------------------------------

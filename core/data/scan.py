@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core import config
+from core import config, paths
 from core.data.catalog import DatasetError, get_dataset
 from core.data.decode import (
     DEFAULT_WORKING_SIZE,
@@ -19,7 +19,9 @@ from core.data.decode import (
     SMALL_IMAGE_MAX,
     BadImage,
     Decoded,
+    check_file,
     decode,
+    read_file,
 )
 from core.data.sources import (
     FASHION_MNIST,
@@ -42,8 +44,10 @@ def _choose_working_format(root: Path, entries: list[Entry], image_size: int | N
     """
     sizes: dict[tuple[int, int], int] = {}
     gray = True
-    for e in entries[:: max(1, len(entries) // 200)][:200]:
+    usable = [e for e in entries if not e.problem]
+    for e in usable[:: max(1, len(usable) // 200)][:200]:
         try:
+            check_file(root / e.path)  # no FIFO, device or huge file is opened
             with Image.open(root / e.path) as im:
                 sizes[im.size] = sizes.get(im.size, 0) + 1
                 gray &= im.mode in GRAY_MODES
@@ -87,7 +91,8 @@ def scan(name: str, store: Store | None = None, ctx: JobContext | None = None) -
                            "(optionally under train/, val/, test/), or a manifest with rows")
     size, channels = _choose_working_format(root, entries, ds["options"].get("image_size") or ds["image_size"])
     old = _previous_scan(store, name, size, channels)
-    part_dir = config.artifacts_dir("scan", name)
+    part_dir = paths.safe_join(config.artifacts_dir("scan"), name, what="dataset name")
+    part_dir.mkdir(exist_ok=True)
     if ctx:
         ctx.phase("scan images", total=len(entries))
     chunks = []
@@ -117,8 +122,8 @@ def _previous_scan(store: Store, name: str, size: int, channels: int) -> dict:
 def _scan_chunk(root: Path, entries: list[Entry], size: int, channels: int, old: dict,
                 part_dir: Path) -> dict:
     """Decode one chunk (or load it from an earlier, interrupted scan)."""
-    stats = [_stat(root / e.path) for e in entries]
-    key = hashlib.blake2b(to_json([size, channels, [(e.path, e.label, e.split) for e in entries],
+    stats = [None if e.problem else _stat(root / e.path) for e in entries]
+    key = hashlib.blake2b(to_json([size, channels, [(e.path, e.label, e.split, e.problem) for e in entries],
                                    stats]).encode(), digest_size=12).hexdigest()
     part = part_dir / f"chunk-{key}.npz"
     if part.exists():
@@ -126,12 +131,15 @@ def _scan_chunk(root: Path, entries: list[Entry], size: int, channels: int, old:
             return {"meta": json.loads(str(z["meta"])), "pixels": z["pixels"]}
     meta, pixels, reused, decoded = [], [], 0, 0
     for e, st in zip(entries, stats):
+        if e.problem:  # found while listing the source: never read
+            meta.append({"path": e.path, "bad": e.problem})
+            continue
         prev = old.get(e.path)
         if st and prev and (prev[0], prev[1]) == st:
             dec, reused = prev[2], reused + 1
         else:
             try:
-                dec = decode(_read(root / e.path), size, channels)
+                dec = decode(read_file(root / e.path), size, channels)
                 decoded += 1
             except BadImage as exc:
                 meta.append({"path": e.path, "bad": str(exc)})
@@ -152,17 +160,8 @@ def _stat(path: Path) -> tuple[int, float] | None:
     try:
         st = path.stat()
         return st.st_size, st.st_mtime
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a manifest's path
         return None
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except OSError as exc:
-        raise BadImage(f"unreadable: {exc.strerror or exc}") from None
 
 
 def _commit_scan(store: Store, ds: dict, entries: list[Entry], chunks: list[dict], size: int,
@@ -177,19 +176,15 @@ def _commit_scan(store: Store, ds: dict, entries: list[Entry], chunks: list[dict
     pixels = np.concatenate([c["pixels"] for c in chunks])
     pix_dir = config.artifacts_dir("pixels")
     digest = hashlib.blake2b("".join(m["image_id"] for m in good).encode(), digest_size=8).hexdigest()
-    pix_path = pix_dir / f"{name}-{size}x{channels}-{digest}.npy"
+    pix_path = paths.safe_join(pix_dir, f"{name}-{size}x{channels}-{digest}.npy", what="dataset name")
     tmp = pix_path.with_suffix(".tmp.npy")
     np.save(tmp, pixels)
     os.replace(tmp, pix_path)
     images = pd.DataFrame(good)
     images.insert(0, "dataset", name)
     images.insert(1, "row", np.arange(len(good), dtype=np.int32))
-    problems = pd.DataFrame(
-        [{"dataset": name, "path": m["path"], "severity": "skipped", "reason": m["bad"], "detail": None}
-         for m in meta if "bad" in m]
-        + [{"dataset": name, "path": m["path"], "severity": "converted", "reason": m["note"], "detail": None}
-           for m in good if m["note"]],
-        columns=["dataset", "path", "severity", "reason", "detail"])
+    problems = _problem_rows(name, [(m["path"], "skipped", m["bad"]) for m in meta if "bad" in m]
+                             + [(m["path"], "converted", m["note"]) for m in good if m["note"]])
     classes = sorted({m["label"] for m in good})
     with store.write() as con:
         old_pix = con.execute("SELECT pixels FROM datasets WHERE name = ?", [name]).fetchone()[0]
@@ -202,12 +197,28 @@ def _commit_scan(store: Store, ds: dict, entries: list[Entry], chunks: list[dict
         con.execute("INSERT INTO problems SELECT * FROM new_problems")
         con.execute("UPDATE datasets SET image_size = ?, channels = ?, classes = ?, pixels = ?,"
                     " scanned_at = now() WHERE name = ?", [size, channels, classes, str(pix_path), name])
-    if old_pix and old_pix != str(pix_path):
+    if old_pix and old_pix != str(pix_path) and paths.is_under(old_pix, pix_dir):
         Path(old_pix).unlink(missing_ok=True)
     return ScanReport(images=len(good), skipped=len(meta) - len(good),
                       converted=sum(1 for m in good if m["note"]),
                       reused=sum(c.get("reused", 0) for c in chunks),
                       decoded=sum(c.get("decoded", 0) for c in chunks))
+
+
+def _problem_rows(name: str, rows: list[tuple[str, str, str]]):
+    """The problems table's rows, one per path (two problems of one path are joined: never a key clash)."""
+    import pandas as pd
+
+    by_path: dict[str, tuple[str, str]] = {}
+    for path, severity, reason in rows:
+        if path in by_path:
+            old_severity, old_reason = by_path[path]
+            severity = "skipped" if "skipped" in (severity, old_severity) else severity
+            reason = f"{old_reason}; {reason}"
+        by_path[path] = (severity, reason)
+    return pd.DataFrame([{"dataset": name, "path": p, "severity": s, "reason": r, "detail": None}
+                         for p, (s, r) in by_path.items()],
+                        columns=["dataset", "path", "severity", "reason", "detail"])
 
 
 @task("scan", heavy=False)
