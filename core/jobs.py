@@ -2,12 +2,25 @@
 
 Life of a job: `launch()` inserts a row (queued) and starts `python -m core.jobs <id>` in a new
 process session, so jobs outlive the app and a restart of it. The process waits for a compute
-slot if its kind is heavy (one at a time by default: the CPU is the bottleneck), marks itself
-running, reports progress through short store transactions (at most one per second), and ends
-done, failed (with the error) or cancelled. `refresh()` (called on every look at the jobs) marks
-any queued/running job whose process is gone as failed, so nothing shows 'running' forever.
+slot of its lane (below), marks itself running, reports progress through short store
+transactions (at most one per second), and ends done, failed (with the error) or cancelled.
+Every look at the jobs (`get_job`, `list_jobs`, `active_jobs`) first checks that the processes
+of active jobs are alive, and marks any whose process is gone as failed, so nothing shows
+'running' forever; the look itself only reads: the store is written only when a job has died.
 
-Task functions register with `@task(kind, heavy=...)`; they receive a `JobContext`.
+Lanes. Each task kind runs in one of three lanes:
+- light: takes no compute slot (scanning files, a sweep's scheduler that only plans and waits);
+- quick: the interactive path, short jobs a person waits for at the screen (the UMAP map, the
+  merge trees, scoring the images a ranker has not seen): `REDEX_QUICK_JOBS` slots (default 1)
+  of their own, or any free heavy slot, so they never wait behind a training run;
+- heavy: long computations (training a backbone and embedding, subset training runs, LTRP):
+  `REDEX_MAX_JOBS` slots (default 1: the CPU is the bottleneck).
+A slot is an flock'd file under `<cache>/jobs/slots/` holding its holder's job id, so a crashed
+job frees its slot with its process. A job waiting for a slot records on its row what it waits
+for (`waiting_for`: the jobs holding the slots it may take, a training run with its sweep), e.g.
+"waiting for: job 12 (train, run 3 of sweep 2: random 0.5 seed 0)".
+
+Task functions register with `@task(kind, heavy=..., lane=...)`; they receive a `JobContext`.
 """
 from __future__ import annotations
 
@@ -30,6 +43,11 @@ from core.store.db import Store, get_store, to_json
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
+LANES = ("light", "quick", "heavy")
+# Heavy kinds on the interactive path: they run in the quick lane unless `@task(lane=...)` says otherwise.
+QUICK_KINDS = frozenset({"project", "cluster", "ltrp_score"})
+_WAIT_POLL_S = 0.5      # how often a waiting job tries the slots again
+_WAIT_DESCRIBE_S = 5.0  # ... and reads again who holds them (to catch a training run linked late)
 # Modules whose import registers task kinds.
 TASK_MODULES = ("core.data.scan", "core.embed.embeddings", "core.embed.projection", "core.redundancy.clusterings",
                 "core.subsets.sweeps", "core.ltrp.scoring")
@@ -44,15 +62,22 @@ class TaskDef:
     kind: str
     fn: Callable[["JobContext"], Any]
     heavy: bool
+    lane: str = "heavy"
 
 
 TASKS: dict[str, TaskDef] = {}
 
 
-def task(kind: str, heavy: bool = True):
-    """Register a task function under `kind`. Heavy tasks share the compute slots."""
+def task(kind: str, heavy: bool = True, lane: str | None = None):
+    """Register a task function under `kind`, in `lane` (light, quick or heavy; see the module docstring).
+
+    Default lane: light when not `heavy`, quick for the kinds in `QUICK_KINDS`, else heavy."""
+    lane = lane or ("light" if not heavy else "quick" if kind in QUICK_KINDS else "heavy")
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}; known: {', '.join(LANES)}")
+
     def register(fn):
-        TASKS[kind] = TaskDef(kind, fn, heavy)
+        TASKS[kind] = TaskDef(kind, fn, lane != "light", lane)
         return fn
     return register
 
@@ -60,6 +85,24 @@ def task(kind: str, heavy: bool = True):
 def max_parallel() -> int:
     """How many heavy jobs run at once (`REDEX_MAX_JOBS`, default 1)."""
     return max(1, int(os.environ.get("REDEX_MAX_JOBS", "1")))
+
+
+def max_quick() -> int:
+    """How many quick jobs run at once besides the heavy ones (`REDEX_QUICK_JOBS`, default 1)."""
+    return max(1, int(os.environ.get("REDEX_QUICK_JOBS", "1")))
+
+
+def slot_names(lane: str) -> list[str]:
+    """The slot files a job of `lane` may take, in order of preference (none for light jobs).
+
+    Quick jobs take their own slots first, then any free heavy one; heavy jobs only heavy ones,
+    so a training run never holds up the quick lane."""
+    heavy = [f"slot-{i}" for i in range(max_parallel())]
+    if lane == "heavy":
+        return heavy
+    if lane == "quick":
+        return [f"quick-{i}" for i in range(max_quick())] + heavy
+    return []
 
 
 # -- launching and looking ---------------------------------------------------------------------
@@ -74,8 +117,8 @@ def launch(kind: str, dataset: str | None = None, params: dict | None = None,
     log_dir.mkdir(parents=True, exist_ok=True)
     with store.write() as con:
         job_id = con.execute(
-            "INSERT INTO jobs (kind, dataset, params, status, message) VALUES (?, ?, ?, 'queued', ?)"
-            " RETURNING id", [kind, dataset, to_json(params or {}), "starting"]).fetchone()[0]
+            "INSERT INTO jobs (kind, dataset, params, status, message, lane) VALUES (?, ?, ?, 'queued', ?, ?)"
+            " RETURNING id", [kind, dataset, to_json(params or {}), "starting", TASKS[kind].lane]).fetchone()[0]
         log_path = log_dir / f"job-{job_id}.log"
         con.execute("UPDATE jobs SET log_path = ? WHERE id = ?", [str(log_path), job_id])
     env = dict(os.environ, REDEX_CACHE=str(config.cache_dir()), PYTHONUNBUFFERED="1")
@@ -90,18 +133,38 @@ def launch(kind: str, dataset: str | None = None, params: dict | None = None,
 
 
 def get_job(job_id: int, store: Store | None = None) -> dict | None:
-    store = store or get_store()
-    refresh(store)
-    rows = _job_rows(store, "WHERE id = ?", [job_id])
+    rows = _look(store or get_store(), "WHERE id = ?", [job_id])
     return rows[0] if rows else None
 
 
 def list_jobs(store: Store | None = None, dataset: str | None = None, limit: int = 200) -> list[dict]:
-    store = store or get_store()
-    refresh(store)
+    """The newest `limit` jobs (of `dataset`), newest first."""
     if dataset:
-        return _job_rows(store, "WHERE dataset = ? ORDER BY id DESC LIMIT ?", [dataset, limit])
-    return _job_rows(store, "ORDER BY id DESC LIMIT ?", [limit])
+        return _look(store or get_store(), "WHERE dataset = ? ORDER BY id DESC LIMIT ?", [dataset, limit])
+    return _look(store or get_store(), "ORDER BY id DESC LIMIT ?", [limit])
+
+
+def active_jobs(store: Store | None = None, dataset: str | None = None,
+                kinds: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+    """The queued and running jobs (of `dataset`, of `kinds`), newest first: what a page has to watch."""
+    where, params = "WHERE status IN ('queued', 'running')", []
+    if dataset:
+        where, params = where + " AND dataset = ?", [dataset]
+    if kinds:
+        where, params = where + " AND list_contains(?, kind)", params + [list(kinds)]
+    return _look(store or get_store(), where + " ORDER BY id DESC", params)
+
+
+def _look(store: Store, where: str, params: list) -> list[dict]:
+    """Job rows, after failing the active jobs whose process is gone: one read, and a write only
+    when a job has died (polling pages and waiting loops take no write lock)."""
+    with store.read():
+        dead = dead_jobs(store)
+        rows = _job_rows(store, where, params)
+    if dead:
+        mark_dead(store, dead)
+        rows = _job_rows(store, where, params)
+    return rows
 
 
 def job_events(job_id: int, store: Store | None = None, limit: int = 50) -> list[tuple]:
@@ -119,6 +182,29 @@ def log_tail(job: dict, lines: int = 40) -> str:
         f.seek(max(0, f.tell() - 64 * 1024))
         text = f.read().decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def waiting_text(job: dict) -> str:
+    """What a queued job waits for, in words ('' when it is not waiting for a slot), e.g.
+    'waiting for: job 12 (train, run 3 of sweep 2: random 0.5 seed 0)'."""
+    waiting = job.get("waiting_for")
+    if job.get("status") != "queued" or waiting is None:
+        return ""
+    holders = waiting.get("jobs") or []
+    if not holders:
+        return f"waiting for a free {waiting.get('lane', 'compute')} slot"
+    names = [holder_text(h) for h in holders]
+    return ("waiting for: " if len(names) == 1 else "waiting for the first of: ") + ", ".join(names)
+
+
+def holder_text(holder: dict) -> str:
+    """'job 12 (train, run 3 of sweep 2: random 0.5 seed 0)', 'job 14 (cluster)'."""
+    what = holder["kind"]
+    if holder.get("sweep_id") is not None:
+        what += f", run {holder['run']} of sweep {holder['sweep_id']}"
+        if holder.get("method"):
+            what += f": {holder['method']} {holder['fraction']:g} seed {holder['seed']}"
+    return f"job {holder['id']} ({what})"
 
 
 def describe(job: dict) -> dict:
@@ -172,8 +258,17 @@ def cancel(job_id: int, store: Store | None = None, wait_s: float = 10.0) -> boo
 
 
 def refresh(store: Store | None = None) -> int:
-    """Mark active jobs whose process is gone as failed. Returns how many were marked."""
+    """Mark active jobs whose process is gone as failed. Returns how many were marked.
+
+    Reads only (a shared lock) unless a job has died: the write lock is taken only to mark it."""
     store = store or get_store()
+    dead = dead_jobs(store)
+    mark_dead(store, dead)
+    return len(dead)
+
+
+def dead_jobs(store: Store) -> list[int]:
+    """Ids of the queued/running jobs whose process is gone (a read, and a look at /proc)."""
     rows = store.query("SELECT id, pid, created_at FROM jobs WHERE status IN ('queued', 'running')")
     dead = []
     for job_id, pid, created_at in rows:
@@ -184,10 +279,17 @@ def refresh(store: Store | None = None) -> int:
                 dead.append(job_id)
         elif not _alive(pid, job_id):
             dead.append(job_id)
-    for job_id in dead:
-        _finish(store, job_id, "failed", error="the job's process died unexpectedly "
-                "(killed, or out of memory); see its log", only_if_active=True)
-    return len(dead)
+    return dead
+
+
+def mark_dead(store: Store, job_ids: list[int]) -> None:
+    """Fail the given jobs (found by `dead_jobs`) if they are still active; no write when there are none."""
+    if not job_ids:
+        return
+    with store.write():
+        for job_id in job_ids:
+            _finish(store, job_id, "failed", error="the job's process died unexpectedly "
+                    "(killed, or out of memory); see its log", only_if_active=True)
 
 
 def wait(job_id: int, store: Store | None = None, timeout: float = 600, poll: float = 0.5) -> dict:
@@ -268,10 +370,11 @@ def run_job(job_id: int, store: Store) -> int:
     try:
         if taskdef is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
-        with _compute_slot(ctx) if taskdef.heavy else contextlib.nullcontext():
+        with _compute_slot(ctx, taskdef.lane):
             ctx.check_cancelled()
-            store.execute("UPDATE jobs SET status = 'running', started_at = now(), updated_at = now(),"
-                          " pid = ? WHERE id = ? AND status = 'queued'", [os.getpid(), job_id])
+            store.execute("UPDATE jobs SET status = 'running', started_at = now(), updated_at = now(), pid = ?,"
+                          " waiting_for = NULL, message = NULL WHERE id = ? AND status = 'queued'",
+                          [os.getpid(), job_id])
             ctx.log(f"started {job['kind']} {job['dataset'] or ''} {to_json(ctx.params)}")
             result = taskdef.fn(ctx)
         _finish(store, job_id, "done", result=result, message="done")
@@ -290,30 +393,76 @@ def run_job(job_id: int, store: Store) -> int:
 
 
 @contextlib.contextmanager
-def _compute_slot(ctx: JobContext):
-    """Hold one of `max_parallel()` slot locks; the job stays queued while it waits."""
+def _compute_slot(ctx: JobContext, lane: str = "heavy"):
+    """Hold one of the slots of `lane` (see `slot_names`; none for light jobs) while the body runs.
+
+    A slot is an exclusive flock on `<cache>/jobs/slots/<name>.lock`, released by the kernel if the
+    process dies; the file holds the holder's job id while it is held. The job stays queued while it
+    waits, with `waiting_for` on its row naming the jobs that hold the slots it may take."""
+    names = slot_names(lane)
+    if not names:
+        yield None
+        return
     slot_dir = config.cache_dir() / "jobs" / "slots"
     slot_dir.mkdir(parents=True, exist_ok=True)
-    n, announced = max_parallel(), False
+    recorded, holders, described_at = None, None, 0.0
     while True:
-        for i in range(n):
-            fd = os.open(slot_dir / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        for name in names:
+            fd = os.open(slot_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
             try:
-                yield
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{ctx.job_id}\n".encode(), 0)
+                yield name
             finally:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # before the unlock: nobody reads a stale holder
                 os.close(fd)
             return
-        if not announced:
-            ctx.store.execute("UPDATE jobs SET message = ? WHERE id = ?",
-                              ["waiting for a free compute slot", ctx.job_id])
-            announced = True
         ctx.check_cancelled()
-        time.sleep(0.5)
+        now_holders = _slot_holders(slot_dir, names)
+        if now_holders != holders or time.monotonic() - described_at > _WAIT_DESCRIBE_S:
+            holders, described_at = now_holders, time.monotonic()
+            waiting = {"lane": lane, "jobs": _holder_info(ctx.store, holders)}
+            if waiting != recorded:  # a write only when what it waits for changed
+                recorded = waiting
+                ctx.store.execute("UPDATE jobs SET waiting_for = ?, message = ?, updated_at = now()"
+                                  " WHERE id = ? AND status = 'queued'",
+                                  [to_json(waiting), waiting_text({"status": "queued", "waiting_for": waiting}),
+                                   ctx.job_id])
+        time.sleep(_WAIT_POLL_S)
+
+
+def _slot_holders(slot_dir: Path, names: list[str]) -> list[int]:
+    """Job ids written in the given (held) slot files, in slot order, without repeats."""
+    out = []
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            text = (slot_dir / f"{name}.lock").read_text().strip()
+            if text and int(text) not in out:
+                out.append(int(text))
+    return out
+
+
+def _holder_info(store: Store, job_ids: list[int]) -> list[dict]:
+    """Who holds the slots: id, kind, dataset; for a subset training run also its sweep, its place
+    among the sweep's runs (in launch order), method, fraction and seed."""
+    if not job_ids:
+        return []
+    with store.read() as con:
+        cur = con.execute(
+            "SELECT j.id, j.kind, j.dataset, r.sweep_id,"
+            " CASE WHEN r.sweep_id IS NOT NULL THEN (SELECT count(*) FROM train_runs x WHERE x.sweep_id = r.sweep_id"
+            "   AND x.job_id IS NOT NULL AND x.job_id <= j.id) END AS run,"
+            " r.method, r.fraction, r.seed"
+            " FROM jobs j LEFT JOIN train_runs r ON r.job_id = j.id WHERE list_contains(?, j.id)", [job_ids])
+        cols = [d[0] for d in cur.description]
+        found = {row[0]: dict(zip(cols, row)) for row in cur.fetchall()}
+    return [{k: v for k, v in found[i].items() if v is not None} for i in job_ids if i in found]
 
 
 def _finish(store: Store, job_id: int, status: str, *, error: str | None = None, result: Any = None,
@@ -331,8 +480,8 @@ def _job_rows(store: Store, where: str, params: list) -> list[dict]:
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     for r in rows:
-        for key in ("params", "result"):
-            if isinstance(r[key], str):
+        for key in ("params", "result", "waiting_for"):
+            if isinstance(r.get(key), str):
                 r[key] = json.loads(r[key])
     return rows
 

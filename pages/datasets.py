@@ -41,18 +41,25 @@ with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
                 st.error(str(exc))
 
 
-@st.fragment(run_every="2s")
 def active_jobs(name: str) -> None:
-    """Live progress of this dataset's jobs; reruns the page when one finishes."""
-    rows = jobs.list_jobs(dataset=name, limit=5)
-    active = [j for j in rows if j["status"] in jobs.ACTIVE]
-    seen = st.session_state.setdefault("active_seen", set())
-    if seen - {j["id"] for j in active}:  # a job we were watching has ended: refresh the page
-        st.session_state["active_seen"] = {j["id"] for j in active}
-        st.rerun(scope="app")
-    seen.update(j["id"] for j in active)
-    for job in rows[:3]:
-        widgets.job_status(job)
+    """This dataset's newest jobs, live while one is active (the fragment polls only then); reruns the
+    page when one it watched ends."""
+    first = [jobs.list_jobs(dataset=name, limit=5)]
+    polling = any(j["status"] in jobs.ACTIVE for j in first[0])
+
+    @st.fragment(run_every=widgets.poll_every(polling))
+    def live() -> None:
+        rows = first.pop() if first else jobs.list_jobs(dataset=name, limit=5)  # fresh on its own reruns
+        active = {j["id"] for j in rows if j["status"] in jobs.ACTIVE}
+        seen = st.session_state.setdefault("active_seen", set())
+        if seen - active or (polling and not active):  # a watched job has ended: refresh the page
+            st.session_state["active_seen"] = active
+            st.rerun(scope="app")
+        seen.update(active)
+        for job in rows[:3]:
+            widgets.job_status(job)
+
+    live()
 
 
 registered = catalog.list_datasets()

@@ -23,18 +23,13 @@ table, emb = load(name, bid, n_embedded)
 proj = projection.projection(name, bid, table=table)
 
 
-@st.fragment(run_every="2s")
-def projection_job() -> None:
-    widgets.watch_job(name, "project", {"backbone_id": bid}, "map_waiting")
-
-
 if proj is None:
     st.write(f"{len(table):,} embeddings, no up-to-date map yet.")
     if st.button("Compute the UMAP map", type="primary"):
         jobs.launch("project", name, {"backbone_id": bid})
         st.session_state["map_waiting"] = True
         st.rerun()
-    projection_job()
+    widgets.watch_jobs(name, [("project", {"backbone_id": bid}, "map_waiting")])
     st.stop()
 
 fig = px.scatter(proj, x="x", y="y", color="label", hover_data=["path", "split"], custom_data=["row"],

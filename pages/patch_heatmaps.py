@@ -18,10 +18,9 @@ if name is None:
     st.stop()
 
 
-@st.fragment(run_every="2s")
 def ltrp_jobs() -> None:
-    widgets.watch_job(name, "ltrp", {}, "ltrp_waiting")
-    widgets.watch_job(name, "ltrp_score", {}, "ltrp_score_waiting")
+    """The training and scoring jobs' progress; polls only while one of them is active."""
+    widgets.watch_jobs(name, [("ltrp", {}, "ltrp_waiting"), ("ltrp_score", {}, "ltrp_score_waiting")])
 
 
 rankers = ltrp_models.list_rankers(name)

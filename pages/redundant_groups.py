@@ -1,4 +1,11 @@
-"""Redundant groups: class-wise clusters, the subset at any fraction or threshold, and exports."""
+"""Redundant groups: class-wise clusters, the subset at any fraction or threshold, and exports.
+
+Structure (what a rerun costs): the pickers run with the page; the merge trees, the cut index and the
+stored review lists are read once per version of their inputs (`clusterings.state_version`, one cheap
+query) and kept in caches. Everything that depends on the cut lives in one fragment, so moving a
+slider reruns only the fragment: a cut of the index (milliseconds, even at a million images) and only
+the section on screen (a segmented control, not tabs, which would run every tab's body).
+"""
 import numpy as np
 import plotly.express as px
 import streamlit as st
@@ -6,13 +13,23 @@ import streamlit as st
 from core import jobs
 from core.data import catalog
 from core.embed import projection
-from core.redundancy import clusterings, export
-from core.redundancy.cuts import REPRESENTATIVES, group_size_histogram
+from core.redundancy import clusterings, export, review
+from core.redundancy.index import CutIndex
 from core.redundancy.trees import LINKAGES
 from core.subsets import results
 from pages import widgets
 
 widgets.route_through_app()
+
+REPRESENTATIVE_WORDS = {
+    "nearest_mean": "the image closest to its group's average",
+    "random": "an image picked at random (seeded)",
+    "farthest_mean": "the image farthest from its group's average",
+}
+SECTIONS = ["Groups", "Group sizes", "Map", "Duplicates & label conflicts", "Export"]
+GROUPS_PER_PAGE = 8
+SHOWN_PER_GROUP = 24
+PAIRS_PER_PAGE = 10
 
 st.title("Redundant groups")
 c1, c2 = st.columns(2)
@@ -21,118 +38,210 @@ with c1:
 linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage",
                        help="complete (default): every pair inside a group is similar. The paper's linkage is"
                             " not stated; average and single are offered too.")
+version = clusterings.state_version(name, bid, linkage)
 
 
-@st.fragment(run_every="2s")
-def cluster_job() -> None:
-    widgets.watch_job(name, "cluster", {"backbone_id": bid, "linkage": linkage}, "trees_waiting")
+@st.cache_data(max_entries=8, show_spinner=False)
+def tree_status(name: str, bid: str, linkage: str, version: str) -> dict:
+    return clusterings.tree_status(name, bid, linkage)
 
 
-status = clusterings.tree_status(name, bid, linkage)
+status = tree_status(name, bid, linkage, version)
 if status["stale"]:
     st.write(f"{status['ready']} of {status['classes']} classes have an up-to-date {linkage}-linkage tree.")
     if st.button("Build the merge trees", type="primary"):
         jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage})
         st.session_state["trees_waiting"] = True
         st.rerun()
-    cluster_job()
+    widgets.watch_jobs(name, [("cluster", {"backbone_id": bid, "linkage": linkage}, "trees_waiting")])
     st.stop()
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the merge trees...")
 def clustering(name: str, bid: str, linkage: str, version: str):
-    return clusterings.load_clustering(name, bid, linkage)
+    """The trees with their embeddings, the cut index over them, and the image rows by index."""
+    c = clusterings.load_clustering(name, bid, linkage)
+    return c, CutIndex.build(c.classes), c.table.row.to_numpy(), c.table.label.to_numpy()
 
 
-c = clustering(name, bid, linkage, clusterings.trees_version(name, bid, linkage))
-left, mid, right = st.columns([2, 2, 1])
-mode = left.radio("Cut by", ["fraction", "threshold"], horizontal=True, key="cut_mode")
-if mode == "fraction":
-    fraction = mid.slider("Fraction kept", 0.01, 1.0, 0.9, 0.01, key="fraction",
-                          help="Each class keeps max(1, round(f × n_c)) groups, one image each.")
-    cut = {"fraction": fraction}
-else:
-    threshold = mid.slider("Cosine distance threshold", 0.0, 1.0, 0.05, 0.005, key="threshold", format="%.3f",
-                           help="Images joined by merges at or below this distance form one group.")
-    cut = {"threshold": threshold}
-representative = right.selectbox("Representative", REPRESENTATIVES, key="representative",
-                                 help="nearest_mean (default): the member closest to its group's mean embedding.")
-s = clusterings.subset(c, representative=representative, **cut)
-frame = clusterings.subset_frame(c, s)
+@st.cache_resource(max_entries=3, show_spinner=False)
+def pixel_cache(name: str, version: str) -> np.ndarray:
+    return catalog.load_pixels(name)
 
-n_kept, n_all = int(frame.kept.sum()), len(frame)
-m1, m2, m3 = st.columns(3)
-m1.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {clusterings.SUBSET_SPLIT} images")
-m2.metric("Removed as redundant", f"{n_all - n_kept:,}")
-m3.metric("Kept fraction", f"{n_kept / n_all:.1%}")
-if mode == "fraction":
-    evidence = results.evidence(name, fraction, bid)
-    st.caption(f"**Evidence:** {evidence}" if evidence else
-               f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset against"
-               " random subsets and the full set.")
-st.dataframe(clusterings.per_class_table(s), hide_index=True, key="per_class",
-             column_config={"kept_fraction": st.column_config.NumberColumn(format="%.3f")})
 
-tab_groups, tab_charts, tab_dups, tab_export = st.tabs(["Groups", "Charts", "Duplicates & label conflicts",
-                                                        "Export"])
-pixels = catalog.load_pixels(name)
-with tab_groups:
+@st.cache_data(max_entries=64, ttl=30, show_spinner=False)
+def evidence(name: str, fraction: float, bid: str) -> str | None:
+    return results.evidence(name, fraction, bid)
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def duplicates(name: str, version: str):
+    return review.duplicates(name)
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def conflicts(name: str, bid: str, version: str):
+    return review.conflict_state(name, bid), review.label_conflicts(name, bid)
+
+
+c, index, image_rows, image_labels = clustering(name, bid, linkage, version)
+pixels = pixel_cache(name, version)
+
+
+@st.fragment
+def cut_panel() -> None:
+    left, mid, right = st.columns([2, 2, 2])
+    mode = left.radio("Cut by", ["fraction", "threshold"], horizontal=True, key="cut_mode")
+    if mode == "fraction":
+        fraction = mid.slider("Fraction kept", 0.01, 1.0, 0.9, 0.01, key="fraction",
+                              help="Each class keeps max(1, round(f × n_c)) groups, one image each.")
+        settings = {"fraction": fraction}
+    else:
+        threshold = mid.slider("Cosine distance threshold", 0.0, 1.0, 0.05, 0.005, key="threshold", format="%.3f",
+                               help="Images joined by merges at or below this distance form one group.")
+        settings = {"threshold": threshold}
+    rule = right.selectbox("Image kept per group", list(REPRESENTATIVE_WORDS), key="representative",
+                           format_func=lambda r: REPRESENTATIVE_WORDS[r].capitalize(),
+                           help="The paper keeps one image per group; which one is not stated. Default: the"
+                                " image closest to its group's average embedding.")
+    cut = index.cut(**settings)
+    n_all, n_kept = index.n, cut.n_groups
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {clusterings.SUBSET_SPLIT} images")
+    m2.metric("Removed as redundant", f"{n_all - n_kept:,}")
+    m3.metric("Kept fraction", f"{n_kept / max(n_all, 1):.1%}")
+    if mode == "fraction":
+        said = evidence(name, fraction, bid)
+        st.caption(f"**Evidence:** {said}" if said else
+                   f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset"
+                   " against random subsets and the full set.")
+    st.dataframe(cut.per_class(), hide_index=True, key="per_class", height=min(400, 38 + 35 * len(index.labels)),
+                 column_config={"kept_fraction": st.column_config.NumberColumn(format="%.3f")})
+    section = st.segmented_control("Show", SECTIONS, default=SECTIONS[0], key="groups_section") or SECTIONS[0]
+    if section == "Groups":
+        groups_section(cut, rule)
+    elif section == "Group sizes":
+        sizes_section(cut)
+    elif section == "Map":
+        map_section(settings, rule)
+    elif section == "Duplicates & label conflicts":
+        review_section()
+    else:
+        export_section(settings, rule)
+
+
+def groups_section(cut, rule: str) -> None:
     f1, f2, f3 = st.columns(3)
-    label = f1.selectbox("Class", ["(all)"] + sorted(c.classes), key="group_class")
-    by_size = clusterings.groups_by_size(frame, None if label == "(all)" else label)
-    per_page = 8
-    n_pages = max(1, -(-len(by_size) // per_page))
-    page = f2.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key="group_page") - 1
-    f3.caption(f"{len(by_size):,} groups with 2 or more images, largest first. The kept image has a red frame.")
-    kept_rows = set(frame.row[frame.kept])
-    for g in by_size.iloc[page * per_page:(page + 1) * per_page].itertuples():
-        members = frame[frame.group == g.group]
-        st.markdown(f"**Group {g.group}** · {g.label} · {g.size} images")
-        widgets.image_grid(pixels, members.row.to_numpy()[:36], highlight=kept_rows)
-        if st.button("Patch heatmaps", key=f"heat-{g.group}", help="Open these images side by side on the"
+    label = f1.selectbox("Class", ["(all)"] + list(index.labels), key="group_class")
+    largest = cut.largest(None if label == "(all)" else label)
+    n_pages = max(1, -(-len(largest) // GROUPS_PER_PAGE))
+    page = min(f2.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="group_page"), n_pages) - 1
+    f3.caption(f"{len(largest):,} groups with 2 or more images, largest first. The image kept is first,"
+               f" in a red frame: {REPRESENTATIVE_WORDS[rule]}.")
+    sizes = cut.group_sizes
+    for g in largest[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]:
+        members = cut.members(int(g))
+        kept = cut.representative(int(g), rule)
+        shown = [kept] + [m for m in members if m != kept][:SHOWN_PER_GROUP - 1]
+        more = int(sizes[g]) - len(shown)
+        st.markdown(f"**Group {int(g):,}** · {widgets.md_text(image_labels[kept])} · {int(sizes[g]):,} images"
+                    + (f" (+{more:,} more not shown)" if more > 0 else ""))
+        st.image(widgets.mosaic(pixels, image_rows[shown], kept=int(image_rows[kept])))
+        if st.button("Patch heatmaps", key=f"heat-{g}", help="Open these images side by side on the"
                      " Patch heatmaps page (the first 12)"):
-            st.session_state.update(heatmap_group={"dataset": name, "title": f"Group {g.group} · {g.label}",
-                                                   "rows": [int(r) for r in members.row[:12]]},
+            st.session_state.update(heatmap_group={"dataset": name, "title": f"Group {int(g)} · {image_labels[kept]}",
+                                                   "rows": [int(r) for r in image_rows[shown[:12]]]},
                                     heatmap_group_new=True)
             st.switch_page("pages/patch_heatmaps.py")
 
-with tab_charts:
-    sizes, counts = group_size_histogram(s.group)
+
+def sizes_section(cut) -> None:
+    sizes, counts = cut.size_histogram()
     fig = px.bar(x=sizes, y=counts, log_y=True, labels={"x": "group size (images)", "y": "groups"},
                  title="Number of groups by size")
     st.plotly_chart(fig, key="hist")
-    proj = projection.projection(name, bid)
+
+
+@st.cache_data(max_entries=16, show_spinner="Choosing every group's image...")
+def subset_frame(name: str, bid: str, linkage: str, version: str, settings: dict, rule: str):
+    """Every train image with its group and whether it is kept (what the map and the exports need)."""
+    return clusterings.subset_frame(c, clusterings.subset(c, representative=rule, **settings))
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def umap_points(name: str, bid: str, version: str):
+    return projection.projection(name, bid)
+
+
+def map_section(settings: dict, rule: str) -> None:
+    proj = umap_points(name, bid, version)
     if proj is None:
-        st.caption("Compute the UMAP map on the Embedding map page to see kept and removed images on it.")
-    else:
-        shown = proj.merge(frame[["path", "kept"]], on="path")
-        shown["status"] = np.where(shown.kept, "kept", "removed")
-        fig = px.scatter(shown, x="x", y="y", color="status", hover_data=["path", "label"], render_mode="webgl",
-                         color_discrete_map={"kept": "#1f77b4", "removed": "#d62728"}, height=560)
-        fig.update_traces(marker={"size": 4 if len(shown) > 5000 else 6})
-        fig.update_layout(xaxis_visible=False, yaxis_visible=False)
-        st.plotly_chart(fig, key="kept_map")
+        st.caption("Compute the UMAP map on the **Embedding map** page to see kept and removed images on it.")
+        return
+    frame = subset_frame(name, bid, linkage, version, settings, rule)
+    shown = proj.merge(frame[["path", "kept"]], on="path")
+    shown["status"] = np.where(shown.kept, "kept", "removed")
+    fig = px.scatter(shown, x="x", y="y", color="status", hover_data=["path", "label"], render_mode="webgl",
+                     color_discrete_map={"kept": "#1f77b4", "removed": "#d62728"}, height=560)
+    fig.update_traces(marker={"size": 4 if len(shown) > 5000 else 6})
+    fig.update_layout(xaxis_visible=False, yaxis_visible=False)
+    st.plotly_chart(fig, key="kept_map")
 
-with tab_dups:
+
+def review_section() -> None:
     st.subheader("Exact duplicates")
-    dups = clusterings.duplicates(name)
+    dups = duplicates(name, version)
     st.caption("Files with identical bytes, or different files that decode to identical pixels.")
-    st.dataframe(dups, hide_index=True) if len(dups) else st.caption("none")
+    if len(dups):
+        st.dataframe(dups, hide_index=True)
+    else:
+        st.caption("none")
     st.subheader("Near-identical images with different labels")
-    conflict_t = st.number_input("Cosine distance at most", 0.0, 0.2, 0.01, 0.001, format="%.3f", key="conflict_t")
-    conflicts = clusterings.label_conflicts(name, bid, conflict_t)
-    st.caption(f"{len(conflicts):,} pairs: likely label errors or ambiguous images.")
-    for r in conflicts.head(12).itertuples():
-        widgets.image_grid(pixels, np.array([r.row_a, r.row_b]),
-                           [f"{r.label_a}", f"{r.label_b} · {r.distance:.4f}"], columns=12)
+    state, pairs = conflicts(name, bid, version)
+    if state is None:
+        st.caption("Not searched yet for these embeddings: building the merge trees searches them.")
+        if st.button("Search now", key="conflict_search"):
+            jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage})
+            st.session_state["trees_waiting"] = True
+        return
+    if state["note"]:
+        st.caption(state["note"])
+        return
+    if pairs.empty:
+        st.caption(f"none within cosine distance {state['max_distance']:g}")
+        return
+    top = float(state["max_distance"])
+    default = review.default_threshold(pairs.distance.to_numpy())
+    t = st.slider("Cosine distance at most", 0.0, top, min(default, top), 0.001, format="%.3f", key="conflict_t",
+                  help=f"Pairs up to {top:g} were searched ({len(pairs):,} found, the closest first). The"
+                       f" default lists about {review.DEFAULT_LISTED}.")
+    listed = pairs[pairs.distance <= t]
+    st.caption(f"{len(listed):,} pairs within {t:.3f}: likely label errors or ambiguous images, closest first.")
+    with st.expander("Pairs by class"):
+        st.dataframe(review.pairs_by_class(listed), hide_index=True)
+    n_pages = max(1, -(-len(listed) // PAIRS_PER_PAGE))
+    page = min(st.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="conflict_page"), n_pages) - 1
+    for r in listed.iloc[page * PAIRS_PER_PAGE:(page + 1) * PAIRS_PER_PAGE].itertuples():
+        a, b, info = st.columns([1, 1, 4])
+        a.image(widgets.upscale(np.asarray(pixels[r.row_a])))
+        b.image(widgets.upscale(np.asarray(pixels[r.row_b])))
+        info.text(f"{r.label_a}  vs  {r.label_b}   (cosine distance {r.distance:.4f})\n{r.path_a}\n{r.path_b}")
 
-with tab_export:
-    st.write("One image is kept per group (the representative); the rest are listed as removed.")
+
+def export_section(settings: dict, rule: str) -> None:
+    st.write("One image is kept per group; the rest are listed as removed.")
+    how = (f"f{settings['fraction']:.2f}" if settings.get("fraction") is not None
+           else f"t{settings['threshold']:.3f}")
     for which in ("kept", "removed", "all"):
-        n_rows = len(export.export_rows(frame, which))
         for col, fmt in zip(st.columns(2), ("csv", "parquet")):
-            col.download_button(f"{which} images ({n_rows:,}) as {fmt.upper()}",
-                                # a callable: the file is made only when the button is clicked
-                                lambda which=which, fmt=fmt: export.export_bytes(frame, which, fmt),
-                                file_name=f"{name}-{which}.{fmt}", key=f"dl-{which}-{fmt}", on_click="ignore")
-    st.caption("`redex export NAME --fraction F --imagefolder DIR` writes the kept images as a folder tree.")
+            col.download_button(
+                f"{which} images as {fmt.upper()}",
+                # a callable: the subset and the file are made only when the button is clicked
+                lambda which=which, fmt=fmt: export.export_bytes(
+                    subset_frame(name, bid, linkage, version, settings, rule), which, fmt),
+                file_name=f"{name}-{which}-{how}-{linkage}.{fmt}", key=f"dl-{which}-{fmt}", on_click="ignore")
+    st.caption("Paths are relative to the dataset's folder. `redex export NAME --fraction F --imagefolder DIR`"
+               " writes the kept images as a folder tree.")
+
+
+cut_panel()

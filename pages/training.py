@@ -85,43 +85,55 @@ with st.expander("New sweep", expanded=all_runs.empty):
         st.error(str(exc))
 
 
-@st.fragment(run_every="2s")
-def live() -> None:
-    df = results.runs(name)
-    for sweep in sweeps.active_sweeps(name):
-        c1, c2 = st.columns([5, 1])
-        info = jobs.describe(sweep)
-        c1.progress(info["fraction"] or 0.0, text=f"sweep {sweep['sweep_id']} · {info['text']}")
-        if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep['sweep_id']}"):
-            sweeps.cancel_sweep(sweep["sweep_id"])
-            st.rerun(scope="app")
-    for job_id in df.job_id[df.status == "running"].dropna():
-        job = jobs.get_job(int(job_id))
-        if job is not None:
-            widgets.job_status(job)  # its phase names the run: method, fraction, seed; a cancel button
-    if df.empty:
-        st.caption("No training runs yet.")
-    else:
-        done, total = (pd.to_numeric(df[c], errors="coerce").astype(float) for c in ("done", "total"))
-        progress = (done / total.where(total > 0)).where(df.status != "done", 1.0)  # NaN: no job yet
-        shown = df.assign(progress=progress, test_top1=df.test_top1 * 100)
-        st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
-                            "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True, key="runs_table",
-                     column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0,
-                                                                                max_value=1.0),
-                                    "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
-                                    "seconds": st.column_config.NumberColumn(format="%.0f")})
-        if (df.status.isin(["failed", "cancelled"])).any() and st.button("Retry failed runs", key="retry"):
-            sweeps.retry(name)
-            st.rerun(scope="app")
-    finished = int((df.status == "done").sum())
-    if st.session_state.setdefault("runs_finished", finished) != finished:
-        st.session_state["runs_finished"] = finished
-        st.rerun(scope="app")  # new results: redraw the plot
+def live_runs() -> None:
+    """Sweeps, training jobs (running, or waiting for a slot and saying for what) and the runs table;
+    polls every 2 s only while a sweep or a training job of this dataset is active."""
+    first = [(all_runs, jobs.active_jobs(dataset=name, kinds=("sweep", "train")))]
+    polling = bool(first[0][1])
+
+    @st.fragment(run_every=widgets.poll_every(polling))
+    def live() -> None:
+        # The page's own reads on the first run, fresh ones (read-only unless a run must be settled) after.
+        df, active = first.pop() if first else (results.runs(name),
+                                                jobs.active_jobs(dataset=name, kinds=("sweep", "train")))
+        if polling and not active:
+            st.rerun(scope="app")  # everything has ended: redraw the results, and stop polling
+        for sweep in (j for j in active if j["kind"] == "sweep"):
+            sweep_id = (sweep["params"] or {}).get("sweep_id")
+            c1, c2 = st.columns([5, 1])
+            info = jobs.describe(sweep)
+            c1.progress(info["fraction"] or 0.0, text=f"sweep {sweep_id} · {info['text']}")
+            if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep_id}"):
+                sweeps.cancel_sweep(sweep_id)
+                st.rerun(scope="app")
+        for job in sorted((j for j in active if j["kind"] == "train"), key=lambda j: j["id"]):
+            widgets.job_status(job)  # its phase names the run; a queued one says what it waits for
+        if df.empty:
+            st.caption("No training runs yet.")
+        else:
+            done, total = (pd.to_numeric(df[c], errors="coerce").astype(float) for c in ("done", "total"))
+            progress = (done / total.where(total > 0)).where(df.status != "done", 1.0)  # NaN: no job yet
+            shown = df.assign(progress=progress, test_top1=df.test_top1 * 100)
+            st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
+                                "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True,
+                         key="runs_table",
+                         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0,
+                                                                                    max_value=1.0),
+                                        "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
+                                        "seconds": st.column_config.NumberColumn(format="%.0f")})
+            if (df.status.isin(["failed", "cancelled"])).any() and st.button("Retry failed runs", key="retry"):
+                sweeps.retry(name)
+                st.rerun(scope="app")
+        finished = int((df.status == "done").sum())
+        if st.session_state.setdefault("runs_finished", finished) != finished:
+            st.session_state["runs_finished"] = finished
+            st.rerun(scope="app")  # new results: redraw the plot
+
+    live()
 
 
 st.subheader("Runs")
-live()
+live_runs()
 
 done = all_runs[all_runs.status == "done"]
 if done.empty:

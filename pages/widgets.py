@@ -31,10 +31,13 @@ def dataset_picker(key: str = "dataset_picker") -> str | None:
     if not names:
         st.info("No dataset yet. Add one on the **Datasets** page (one click loads the Fashion-MNIST demo).")
         return None
-    current = st.session_state.get("dataset")
+    # The choice survives page changes (session) and reloads and shared links (the URL's ?dataset=).
+    current = st.session_state.get("dataset") or st.query_params.get("dataset")
     index = names.index(current) if current in names else 0
     name = st.selectbox("Dataset", names, index=index, key=key)
     st.session_state["dataset"] = name
+    if st.query_params.get("dataset") != name:
+        st.query_params["dataset"] = name
     return name
 
 
@@ -68,7 +71,9 @@ def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None 
 
 
 def job_status(job: dict) -> None:
-    """One job's progress bar and status line, with a cancel button while it is active."""
+    """One job's progress bar and status line, with a cancel button while it is active.
+
+    A queued job's line says what it waits for (e.g. 'waiting for: job 12 (train, run 3 of sweep 2 ...)')."""
     info = jobs.describe(job)
     label = f"#{job['id']} {job['kind']} · {info['text']}"
     if job["status"] in jobs.ACTIVE:
@@ -82,6 +87,17 @@ def job_status(job: dict) -> None:
         st.error(label)
     else:
         st.warning(label)
+
+
+POLL_EVERY = "2s"
+
+
+def poll_every(active: bool) -> str | None:
+    """`run_every` for a fragment that watches jobs: poll only while something is active.
+
+    Decided on each full run of the page; the fragment must rerun the app (`st.rerun(scope="app")`)
+    once nothing is active any more, so that the page is idle again and costs the server nothing."""
+    return POLL_EVERY if active else None
 
 
 def embedded_dataset_picker(backbone_key: str) -> tuple[str, str, int]:
@@ -101,18 +117,74 @@ def embedded_dataset_picker(backbone_key: str) -> tuple[str, str, int]:
     return name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0])
 
 
-def watch_job(dataset: str, kind: str, params: dict, waiting_key: str) -> None:
-    """Live status of the newest `kind` job of `dataset` whose params include `params`.
+def watch_job(dataset: str, kind: str, params: dict, waiting_key: str, recent: list[dict] | None = None) -> bool:
+    """Live status of the newest `kind` job of `dataset` whose params include `params`. True while it is active.
 
-    Call from a `st.fragment(run_every=...)`; when a job this session was waiting for ends, the
-    whole page reruns so it shows the new results.
-    """
-    mine = [j for j in jobs.list_jobs(dataset=dataset, limit=20)
-            if j["kind"] == kind and all(j["params"].get(k) == v for k, v in params.items())]
-    if mine and mine[0]["status"] in jobs.ACTIVE:
-        job_status(mine[0])
+    Call from a fragment (`watch_jobs` makes one that polls only while needed); when a job this session
+    was waiting for ends, the whole page reruns so it shows the new results. `recent`: the dataset's
+    newest jobs, if the caller has read them already."""
+    if recent is None:
+        recent = jobs.list_jobs(dataset=dataset, limit=20)
+    mine = _newest(recent, kind, params)
+    if mine and mine["status"] in jobs.ACTIVE:
+        job_status(mine)
         st.session_state[waiting_key] = True
-    elif st.session_state.pop(waiting_key, False):
+        return True
+    if st.session_state.pop(waiting_key, False):
         st.rerun(scope="app")
-    elif mine and mine[0]["status"] == "failed":
-        job_status(mine[0])
+    elif mine and mine["status"] == "failed":
+        job_status(mine)
+    return False
+
+
+def watch_jobs(dataset: str, watches: list[tuple[str, dict, str]]) -> None:
+    """`watch_job` for each (kind, params, waiting key) in `watches`, in one fragment that polls only while
+    one of those jobs is active or awaited by this session: an idle page runs nothing between reruns.
+
+    Call it where the statuses should appear (not from inside another fragment)."""
+    first = [jobs.list_jobs(dataset=dataset, limit=20)]
+    polling = any((m := _newest(first[0], kind, params)) is not None and m["status"] in jobs.ACTIVE
+                  or st.session_state.get(key) for kind, params, key in watches)
+
+    @st.fragment(run_every=poll_every(polling))
+    def _watch() -> None:
+        recent = first.pop() if first else jobs.list_jobs(dataset=dataset, limit=20)  # fresh on its own reruns
+        active = [watch_job(dataset, kind, params, key, recent) for kind, params, key in watches]
+        if polling and not any(active):
+            st.rerun(scope="app")  # nothing left to watch: stop polling
+
+    _watch()
+
+
+def _newest(recent: list[dict], kind: str, params: dict) -> dict | None:
+    return next((j for j in recent if j["kind"] == kind
+                 and all((j["params"] or {}).get(k) == v for k, v in params.items())), None)
+
+
+def md_text(text) -> str:
+    """User text (a label, a file or dataset name) made literal inside Markdown: every character
+    Markdown or Streamlit would interpret (links, images, emphasis, LaTeX, HTML) is escaped."""
+    specials = set("\\`*_{}[]()<>#+-.!|~$:&")
+    return "".join("\\" + ch if ch in specials else ch for ch in str(text)).replace("\n", " ")
+
+
+def mosaic(pixels: np.ndarray, rows, *, kept=None, columns: int = 12, tile: int = 84,
+           gap: int = 4) -> np.ndarray:
+    """One RGB image [H, W, 3] of the thumbnails at pixel-cache `rows`, `columns` per line; the row
+    `kept` (if any) comes first with a red frame. One image instead of one element per thumbnail
+    keeps a page of groups cheap to draw."""
+    rows = [int(r) for r in rows]
+    if kept is not None and kept in rows:
+        rows = [kept] + [r for r in rows if r != kept]
+    lines = -(-len(rows) // columns)
+    width = min(len(rows), columns)
+    sheet = np.full((lines * (tile + gap) - gap, width * (tile + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        img = np.asarray(pixels[row])
+        thumb = outlined(img) if row == kept else upscale(img)
+        if thumb.ndim == 2:
+            thumb = np.repeat(thumb[:, :, None], 3, axis=2)
+        thumb = thumb[:tile, :tile]
+        y, x = (i // columns) * (tile + gap), (i % columns) * (tile + gap)
+        sheet[y:y + thumb.shape[0], x:x + thumb.shape[1]] = thumb
+    return sheet

@@ -1,18 +1,18 @@
 """Redundant groups through the store, the CLI and the page: trees cached, cut, exported, invalidated."""
 import shutil
-from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
 
 from core.cli import main as cli
 from core.data import scan, sources
 from core.embed import embeddings
 from core.embed.backbones import DEFAULT_BACKBONE
-from core.redundancy import clusterings
-
-ROOT = Path(__file__).resolve().parents[1]
+from core.redundancy import clusterings, review
+from tests.conftest import run_page
 
 
 @pytest.fixture
@@ -51,13 +51,29 @@ def test_subset_counts_and_export(clustered, tmp_path, capsys):
     assert cli(["export", name, "--fraction", "0.5", "--imagefolder", str(tmp_path / "tree")]) == 1  # not empty
 
 
-def test_threshold_mode_reports_the_fraction(clustered):
+def scipy_cluster_counts(emb: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """label -> how many complete-linkage clusters scipy finds in that class at cosine distance `threshold`."""
+    counts = {}
+    for label in sorted(set(labels)):
+        z = linkage(pdist(emb[labels == label].astype(np.float64), "cosine"), "complete")
+        counts[label] = len(np.unique(fcluster(z, threshold, "distance")))
+    return counts
+
+
+def test_threshold_mode_reports_the_fraction(clustered, store):
     name, bid, _ = clustered
     c = clusterings.load_clustering(name, bid)
-    everything = clusterings.subset(c, threshold=0.0)
     nothing = clusterings.subset(c, threshold=2.0)
     assert len(nothing.representatives) == len(c.classes)  # one group per class at distance 2
-    assert everything.kept_fraction >= clusterings.subset(c, threshold=0.2).kept_fraction >= nothing.kept_fraction
+    # The cached trees cut at a threshold keep as many images per class as scipy's complete-linkage clusters
+    # of the stored embeddings at that cosine distance, and the fraction reported is kept / train images.
+    table, emb = embeddings.load_embeddings(name, bid, store)
+    train = (table.split == "train").to_numpy()
+    for threshold in (0.05, 0.2):
+        s = clusterings.subset(c, threshold=threshold)
+        expected = scipy_cluster_counts(emb[train], table.label.to_numpy()[train], threshold)
+        assert {row["label"]: row["kept"] for row in s.per_class} == expected
+        assert s.kept_fraction == pytest.approx(sum(expected.values()) / train.sum())
 
 
 def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, image_folder, fmnist_test):
@@ -78,11 +94,11 @@ def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, im
 
 def test_duplicates_and_label_conflicts(clustered):
     name, bid, original = clustered
-    dups = clusterings.duplicates(name)
+    dups = review.duplicates(name)
     by_kind = {k: set(g.path) for k, g in dups.groupby("kind")}
     assert by_kind["identical bytes"] == {original, "train/class0/bytecopy.png", "train/class1/mislabelled.png"}
     assert "train/class0/recoded.bmp" in by_kind["identical pixels"]
-    conflicts = clusterings.label_conflicts(name, bid, threshold=1e-4)
+    conflicts = review.label_conflicts(name, bid, threshold=1e-4)
     pairs = {frozenset((a, b)) for a, b in zip(conflicts.path_a, conflicts.path_b)}
     assert frozenset((original, "train/class1/mislabelled.png")) in pairs
     assert (conflicts.label_a != conflicts.label_b).all()
@@ -90,9 +106,7 @@ def test_duplicates_and_label_conflicts(clustered):
 
 def test_page_slider_changes_the_counts(clustered):
     name, _, _ = clustered
-    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
-    at.session_state["dataset"] = name
-    at.run()
+    at = run_page("pages/redundant_groups.py", dataset=name)
     assert not at.exception
     kept = {m.label: m.value for m in at.metric}["Kept"]
     at.slider(key="fraction").set_value(0.3).run()

@@ -3,23 +3,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from core import jobs
 from core.data import scan, sources
 from core.store.db import Store
-
-
-def wait_for(predicate, timeout=120, poll=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError("condition not met in time")
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -51,7 +41,8 @@ def test_failed_job_is_marked_failed_with_its_error(store, small_fmnist):
 
 def test_cancel_stops_the_process(store, small_fmnist):
     job_id = jobs.launch("embed", small_fmnist, {"epochs": 50}, store=store)
-    job = wait_for(lambda: (j := jobs.get_job(job_id, store))["status"] == "running" and (j["done"] or 0) > 0 and j)
+    wait_until(lambda: (j := jobs.get_job(job_id, store))["status"] == "running" and (j["done"] or 0) > 0,
+               what="the embed job to make progress")
     assert jobs.cancel(job_id, store)
     job = jobs.get_job(job_id, store)
     assert job["status"] == "cancelled"
@@ -61,9 +52,11 @@ def test_cancel_stops_the_process(store, small_fmnist):
 
 def test_killed_process_is_failed_not_running_forever(store, small_fmnist):
     job_id = jobs.launch("embed", small_fmnist, {"epochs": 50}, store=store)
-    job = wait_for(lambda: (j := jobs.get_job(job_id, store))["status"] == "running" and j)
+    job = wait_until(lambda: (j := jobs.get_job(job_id, store))["status"] == "running" and j,
+                     what="the embed job to start")
     os.killpg(job["pid"], signal.SIGKILL)
-    job = wait_for(lambda: (j := jobs.get_job(job_id, store))["status"] != "running" and j, timeout=30)
+    job = wait_until(lambda: (j := jobs.get_job(job_id, store))["status"] != "running" and j, timeout=30,
+                     what="the killed job to be noticed")
     assert job["status"] == "failed"
     assert "died" in job["error"]
 
@@ -75,10 +68,12 @@ def test_jobs_outlive_the_app_and_queue_for_the_cpu(store, image_folder, small_f
          " {'epochs': 50}))", small_fmnist], capture_output=True, text=True, check=True)
     first = int(starter.stdout.strip())
     restarted = Store(store.path)  # what an app restarted now would see
-    wait_for(lambda: jobs.get_job(first, restarted)["status"] == "running")
+    wait_until(lambda: jobs.get_job(first, restarted)["status"] == "running", what="the first job to start")
     second = jobs.launch("embed", small_fmnist, {"epochs": 1}, store=store)
-    time.sleep(3)
-    waiting = jobs.get_job(second, restarted)
-    assert waiting["status"] == "queued" and "waiting" in waiting["message"]
+    # Decided once the second job's process has tried for a compute slot: it says it waits, or it runs.
+    waiting = wait_until(lambda: ((j := jobs.get_job(second, restarted))["status"] != "queued"
+                                  or "waiting" in (j["message"] or "")) and j, what="the second job to try for a slot")
+    assert waiting["status"] == "queued" and waiting["message"] == f"waiting for: job {first} (embed)"
+    assert jobs.get_job(first, restarted)["status"] == "running"  # the slot it waits for is the first job's
     jobs.cancel(first, restarted)
     assert jobs.wait(second, restarted, timeout=300)["status"] == "done"

@@ -1,15 +1,11 @@
-"""Semantic redundancy (Birodkar et al. 2019): class-wise agglomerative clustering and subset selection.
+"""Merge trees of semantic redundancy (Birodkar et al. 2019): one agglomerative tree per class.
 
 Pure computation on numpy arrays; the store and the pages call into it.
 
-1. `build_class_tree` clusters one class's embeddings once, with cosine dissimilarity (1 - cos) and
-   complete linkage by default (average and single as options). The result is a full merge tree
-   over all n members (a scipy linkage matrix with monotone distances), so every number of groups
-   k in 1..n and every distance threshold is a cut of it.
-2. `select_subset` cuts every class's tree -- at k_c = max(1, round(f * n_c)) groups for a target
-   fraction f, or at a cosine distance t -- and keeps one representative per group.
-3. `exact_duplicates` groups equal hashes; `cross_class_conflicts` finds near-identical images that
-   carry different labels (likely label errors).
+`build_class_tree` clusters one class's embeddings once, with cosine dissimilarity (1 - cos) and
+complete linkage by default (average and single as options). The result is a full merge tree over
+all n members (a scipy linkage matrix with monotone distances), so every number of groups k in 1..n
+and every distance threshold is a cut of it (`core.redundancy.cuts`, `core.redundancy.index`).
 
 Exact trees need the n(n-1)/2 pairwise distances of a class. scipy's linkage copies them, so the
 peak is about 8 n^2 bytes (n = 20,000: 3.2 GB). Above `exact_limit` members a class is clustered

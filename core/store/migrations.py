@@ -153,4 +153,30 @@ MIGRATIONS: list[str] = [
         finished_at TIMESTAMP
     );
     """,
+    # 5: job lanes -- the lane a job runs in, and what a queued job waits for.
+    """
+    ALTER TABLE jobs ADD COLUMN lane VARCHAR;          -- light | quick | heavy (core.jobs)
+    ALTER TABLE jobs ADD COLUMN waiting_for JSON;      -- while queued for a slot: {lane, jobs: [holders]}
+    """,
+    # 6: what a person reviews -- near-identical images with different labels, found once per
+    # (dataset, backbone) by the cluster job (core.redundancy.review), not on every page rerun.
+    """
+    CREATE TABLE review_state (
+        dataset      VARCHAR NOT NULL,
+        backbone_id  VARCHAR NOT NULL,
+        fingerprint  VARCHAR NOT NULL,          -- of the embedded images' rows, content ids, labels
+        max_distance DOUBLE,                    -- pairs up to this cosine distance are stored
+        pairs        INTEGER,
+        note         VARCHAR,                   -- why nothing was computed (e.g. too many images)
+        computed_at  TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (dataset, backbone_id)
+    );
+    CREATE TABLE label_conflicts (
+        dataset      VARCHAR NOT NULL,
+        backbone_id  VARCHAR NOT NULL,
+        row_a        INTEGER NOT NULL,          -- pixel-cache rows (images.row); the labels differ
+        row_b        INTEGER NOT NULL,
+        distance     FLOAT NOT NULL
+    );
+    """,
 ]

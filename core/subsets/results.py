@@ -28,10 +28,30 @@ def get_run(key: str, store: Store | None = None) -> dict:
 
 
 # -- reading results ---------------------------------------------------------------------------
-def refresh_runs(store: Store | None = None) -> None:
-    """Runs left active by a job or sweep that is gone become failed (never 'running' forever)."""
+# Runs left active by a training job, or waiting on a sweep, that is over.
+_UNSETTLED = (
+    "SELECT (SELECT count(*) FROM train_runs r JOIN jobs j ON r.job_id = j.id WHERE r.status IN ('pending', 'running')"
+    " AND j.status IN ('failed', 'cancelled')) + (SELECT count(*) FROM train_runs r JOIN sweeps s ON r.sweep_id = s.id"
+    " JOIN jobs j ON s.job_id = j.id WHERE r.status = 'pending' AND r.job_id IS NULL"
+    " AND j.status IN ('done', 'failed', 'cancelled'))")
+
+
+def refresh_runs(store: Store | None = None) -> bool:
+    """Runs left active by a job or sweep that is gone become failed (never 'running' forever).
+
+    One read; the write lock is taken only when a job died or a run must be settled. True if it wrote."""
     store = store or get_store()
-    jobs.refresh(store)
+    with store.read():
+        dead = jobs.dead_jobs(store)
+        unsettled = store.query(_UNSETTLED)[0][0]
+    if not dead and not unsettled:
+        return False
+    _settle_runs(store, dead)
+    return True
+
+
+def _settle_runs(store: Store, dead: list[int]) -> None:
+    jobs.mark_dead(store, dead)
     with store.write() as con:
         con.execute(
             "UPDATE train_runs r SET status = j.status, error = coalesce(j.error, 'the training job ended'),"
@@ -43,22 +63,30 @@ def refresh_runs(store: Store | None = None) -> None:
             " AND r.status = 'pending' AND r.job_id IS NULL AND j.status IN ('done', 'failed', 'cancelled')")
 
 
+_RUNS = (
+    "SELECT r.run_key, r.sweep_id, r.method, r.fraction, r.seed, r.n_train, r.status, r.job_id, r.error,"
+    " TRY_CAST(r.metrics->>'test_top1' AS DOUBLE) AS test_top1,"
+    " TRY_CAST(r.metrics->>'test_loss' AS DOUBLE) AS test_loss,"
+    " TRY_CAST(r.metrics->>'seconds' AS DOUBLE) AS seconds, r.metrics->>'device' AS device,"
+    " r.metrics->>'eval_split' AS eval_split, TRY_CAST(r.metrics->>'n_eval' AS INTEGER) AS n_eval,"
+    " r.recipe, r.selection, r.created_at, r.finished_at, j.done, j.total, j.rate, j.message"
+    " FROM train_runs r LEFT JOIN jobs j ON j.id = r.job_id WHERE r.dataset = ?"
+    " ORDER BY r.created_at DESC, r.fraction DESC, r.method, r.seed")
+
+
 def runs(name: str, store: Store | None = None, refresh: bool = True) -> pd.DataFrame:
     """Every run of a dataset, newest first, with its live job progress and its headline metrics.
 
-    `refresh`: first settle runs whose job or sweep is gone (a write; skip it on hot paths)."""
+    `refresh`: first settle runs whose job or sweep is gone. It costs one read (the same one that
+    reads the runs) and writes only when there is something to settle, so polling pages may use it."""
     store = store or get_store()
-    if refresh:
-        refresh_runs(store)
-    df = store.query_df(
-        "SELECT r.run_key, r.sweep_id, r.method, r.fraction, r.seed, r.n_train, r.status, r.job_id, r.error,"
-        " TRY_CAST(r.metrics->>'test_top1' AS DOUBLE) AS test_top1,"
-        " TRY_CAST(r.metrics->>'test_loss' AS DOUBLE) AS test_loss,"
-        " TRY_CAST(r.metrics->>'seconds' AS DOUBLE) AS seconds, r.metrics->>'device' AS device,"
-        " r.metrics->>'eval_split' AS eval_split, TRY_CAST(r.metrics->>'n_eval' AS INTEGER) AS n_eval,"
-        " r.recipe, r.selection, r.created_at, r.finished_at, j.done, j.total, j.rate, j.message"
-        " FROM train_runs r LEFT JOIN jobs j ON j.id = r.job_id WHERE r.dataset = ?"
-        " ORDER BY r.created_at DESC, r.fraction DESC, r.method, r.seed", [name])
+    with store.read():
+        dead = jobs.dead_jobs(store) if refresh else []
+        unsettled = store.query(_UNSETTLED)[0][0] if refresh else 0
+        df = store.query_df(_RUNS, [name])
+    if dead or unsettled:
+        _settle_runs(store, dead)
+        df = store.query_df(_RUNS, [name])
     df["recipe_tag"] = [recipe_tag(json.loads(r)) for r in df.recipe]
     df["backbone_id"] = [json.loads(s).get("backbone_id") for s in df.selection]
     return df

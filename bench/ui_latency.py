@@ -1,0 +1,247 @@
+"""Latency of the app's widgets, measured in a real browser (Playwright + Debian's chromium).
+
+For each widget it makes N changes and records, in the browser's own clock, the time from the key
+press (or click) to the updated value on screen, and to the page being idle again (Streamlit's script
+state back to notRunning). Prints p50 / p95 per widget, the first load, and the ratio to the pure cut
+function's time (the floor of the slider's latency), with the machine's load.
+
+    .venv/bin/python bench/ui_latency.py --cache /tmp/fm70k --dataset fashion-mnist
+    .venv/bin/python bench/ui_latency.py --cache /tmp/fm70k --dataset fashion-mnist --root /tmp/base  # old code
+    .venv/bin/python bench/ui_latency.py --cache /tmp/synth --dataset synthetic-1.28m --widgets fraction,threshold
+
+The server is started from `--root` (default: this checkout) on a free port with REDEX_CACHE=--cache,
+and stopped at the end. The dataset must be embedded and its merge trees built (the page's expensive
+inputs); the Patch heatmaps widget needs a ranker (`redex ltrp train`), else it is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# In the page: watch one target's text (or image source) and the script state; record the first
+# change of the target after the move, and the first moment after it at which the script is idle.
+WATCH_JS = """([selector, attr]) => {
+  const read = () => {
+    const els = [...document.querySelectorAll(selector)];
+    return els.map(e => attr ? e.getAttribute(attr) : e.innerText).join('|');
+  };
+  const state = () => document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state');
+  const m = {prev: read(), t0: performance.now(), changed: null, idle: null};
+  const check = () => {
+    const now = performance.now();
+    if (m.changed === null && read() !== m.prev) m.changed = now;
+    if (m.changed !== null && m.idle === null && state() === 'notRunning') { m.idle = now; obs.disconnect(); }
+  };
+  const obs = new MutationObserver(check);
+  obs.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+  window.__m = m;
+  return m.prev;
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, cache: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, REDEX_CACHE=str(cache), PYTHONPATH=str(root))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port",
+         str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the Streamlit server did not start")
+
+
+def wait_idle(page, timeout_ms: int = 120_000) -> None:
+    page.wait_for_function("() => document.querySelector('[data-testid=stApp]')"
+                           "?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout_ms)
+
+
+def measure(page, target: tuple[str, str | None], act, timeout_ms: int = 60_000) -> tuple[float, float] | None:
+    """(ms to the changed value, ms to idle) of one move, or None when nothing changed in time."""
+    page.evaluate(WATCH_JS, list(target))
+    act()
+    try:
+        page.wait_for_function("() => window.__m.idle !== null", timeout=timeout_ms, polling="raf")
+    except Exception:  # noqa: BLE001 - a move that changed nothing is reported, not fatal
+        return None
+    m = page.evaluate("() => window.__m")
+    return m["changed"] - m["t0"], m["idle"] - m["t0"]
+
+
+def open_page(page, url: str, path: str, ready: str) -> float:
+    """Load a page; ms until `ready` is visible and the script is idle."""
+    t0 = time.perf_counter()
+    page.goto(f"{url}/{path}")
+    page.locator(ready).first.wait_for(timeout=300_000)
+    wait_idle(page, 300_000)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def slider_moves(page, key: str, target, moves: int) -> list:
+    thumb = page.locator(f".st-key-{key} [role=slider]").first
+    thumb.focus()
+    out = []
+    for i in range(moves):
+        key_name = "ArrowLeft" if i % 2 == 0 else "ArrowRight"
+        out.append(measure(page, target, lambda: thumb.press(key_name)))
+        wait_idle(page)
+    return out
+
+
+def select_moves(page, key: str, target, moves: int) -> list:
+    box = page.locator(f".st-key-{key} [data-baseweb=select]").first
+    out = []
+    for i in range(moves):
+        box.click()
+        options = page.locator("[role=option]")
+        options.first.wait_for()
+        n = options.count()
+        choice = options.nth(1 + i % max(1, n - 1))
+        out.append(measure(page, target, choice.click))
+        wait_idle(page)
+    return out
+
+
+def step_moves(page, key: str, target, moves: int) -> list:
+    up = page.locator(f".st-key-{key} button").last
+    down = page.locator(f".st-key-{key} button").first
+    out = []
+    for i in range(moves):
+        out.append(measure(page, target, (up if i % 2 == 0 else down).click))
+        wait_idle(page)
+    return out
+
+
+def stats(samples: list) -> dict:
+    ok = [s for s in samples if s is not None]
+    if not ok:
+        return {"n": 0, "missed": len(samples)}
+    value, idle = np.array([s[0] for s in ok]), np.array([s[1] for s in ok])
+    return {"n": len(ok), "missed": len(samples) - len(ok),
+            "value_p50": float(np.percentile(value, 50)), "value_p95": float(np.percentile(value, 95)),
+            "idle_p50": float(np.percentile(idle, 50)), "idle_p95": float(np.percentile(idle, 95))}
+
+
+def cut_time(cache: Path, dataset: str) -> dict:
+    """Median seconds of the pure cut at fraction 0.9: the index's, and `select_subset`'s (every
+    representative), on this machine now (the floor of the slider's latency)."""
+    os.environ["REDEX_CACHE"] = str(cache)
+    from core.redundancy import clusterings
+    from core.redundancy.index import CutIndex
+
+    c = clusterings.load_clustering(dataset)
+    index = CutIndex.build(c.classes)
+
+    def median_s(fn, n=15):
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            fn(0.9 - 0.01 * (i % 3))
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    return {"images": index.n, "index_cut_s": median_s(lambda f: index.cut(fraction=f).per_class()),
+            "select_subset_s": median_s(lambda f: clusterings.subset(c, fraction=f), n=5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True, type=Path)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--root", type=Path, default=ROOT, help="the code to serve (e.g. an older checkout)")
+    ap.add_argument("--moves", type=int, default=20)
+    ap.add_argument("--widgets", default="fraction,threshold,class,page,keep_ratio")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    widgets = args.widgets.split(",")
+    load_before = os.getloadavg()
+    proc, url = start_server(args.root, args.cache)
+    results: dict = {"root": str(args.root), "dataset": args.dataset}
+    metric = ("[data-testid=stMetric]", None)
+    image = ("[data-testid=stImage] img", "src")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = ctx.new_page()
+            where = f"redundant_groups?dataset={args.dataset}"
+            results["first_load_ms"] = open_page(page, url, where, "[data-testid=stMetric]")
+            results["second_load_ms"] = open_page(page, url, where, "[data-testid=stMetric]")
+            if "fraction" in widgets:
+                results["fraction"] = stats(slider_moves(page, "fraction", metric, args.moves))
+            if "class" in widgets:
+                results["class"] = stats(select_moves(page, "group_class", image, args.moves))
+            if "page" in widgets:
+                results["page"] = stats(step_moves(page, "group_page", image, args.moves))
+            if "threshold" in widgets:
+                page.locator(".st-key-cut_mode label").filter(has_text="threshold").click()
+                wait_idle(page)
+                results["threshold"] = stats(slider_moves(page, "threshold", metric, args.moves))
+            if "keep_ratio" in widgets:
+                try:
+                    open_page(page, url, f"patch_heatmaps?dataset={args.dataset}", ".st-key-keep_ratio")
+                    results["keep_ratio"] = stats(slider_moves(page, "keep_ratio", metric, args.moves))
+                except Exception as exc:  # noqa: BLE001 - no ranker for this dataset
+                    results["keep_ratio"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    results["cut"] = cut_time(args.cache, args.dataset)
+    results["load"] = {"before": load_before, "after": os.getloadavg()}
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def report(r: dict) -> None:
+    cut_ms = 1000 * r["cut"]["index_cut_s"]
+    print(f"{r['dataset']} ({r['cut']['images']:,} train images), code {r['root']}")
+    print(f"load average {r['load']['before'][0]:.2f} before, {r['load']['after'][0]:.2f} after")
+    print(f"first load {r['first_load_ms']:.0f} ms, second {r['second_load_ms']:.0f} ms")
+    print(f"pure cut (index, with the per-class table): {cut_ms:.1f} ms;"
+          f" select_subset (every representative): {1000 * r['cut']['select_subset_s']:.1f} ms")
+    print("| widget | moves | value p50 | value p95 | idle p50 | idle p95 | value p95 / cut |")
+    print("|---|---|---|---|---|---|---|")
+    for w in ("fraction", "threshold", "class", "page", "keep_ratio"):
+        s = r.get(w)
+        if not s:
+            continue
+        if "skipped" in s or not s.get("n"):
+            print(f"| {w} | {s.get('n', 0)} | {s.get('skipped', 'no change seen')} | | | | |")
+            continue
+        print(f"| {w} | {s['n']} (+{s['missed']} missed) | {s['value_p50']:.0f} ms | {s['value_p95']:.0f} ms |"
+              f" {s['idle_p50']:.0f} ms | {s['idle_p95']:.0f} ms | {s['value_p95'] / max(cut_ms, 1e-3):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The Redundant groups page at interactive speed: a slider move reruns the cut, never the expensive
+work behind it (trees, duplicates, label conflicts, the map), and what it shows is plain text."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.embed import projection
+from core.redundancy import clusterings, review
+from tests.test_groups import ROOT, clustered  # noqa: F401  (the fixture)
+
+EXPENSIVE = [(clusterings, "load_clustering"), (clusterings, "tree_status"), (review, "duplicates"),
+             (review, "label_conflicts"), (projection, "projection")]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls of the expensive functions (the real ones still run)."""
+    counts = {}
+    for module, fn in EXPENSIVE:
+        real = getattr(module, fn)
+
+        def counted(*args, _real=real, _fn=fn, **kwargs):
+            counts[_fn] = counts.get(_fn, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, fn, counted)
+    return counts
+
+
+def kept(at) -> int:
+    return int({m.label: m.value for m in at.metric}["Kept"].replace(",", ""))
+
+
+def test_slider_reruns_cost_no_expensive_call(clustered, calls):  # noqa: F811
+    name, bid, _ = clustered
+    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
+    at.session_state["dataset"] = name
+    at.run()
+    assert not at.exception
+    at.segmented_control(key="groups_section").set_value("Duplicates & label conflicts").run()
+    assert not at.exception
+    first = dict(calls)
+    assert first["load_clustering"] == 1 and first["duplicates"] == 1 and first["label_conflicts"] == 1
+    before = kept(at)
+    for f in (0.3, 0.5, 0.7):
+        at.slider(key="fraction").set_value(f).run()
+        assert not at.exception
+    assert kept(at) < before
+    assert calls == first  # the cut changed three times; nothing behind it ran again
+    per_class = at.dataframe[0].value
+    assert list(per_class.kept) == [max(1, round(0.7 * n)) for n in per_class.images]
+
+
+def test_duplicates_section_shows_a_table_not_source_or_help(clustered):  # noqa: F811
+    name, _, _ = clustered
+    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
+    at.session_state["dataset"] = name
+    at.run()
+    at.segmented_control(key="groups_section").set_value("Duplicates & label conflicts").run()
+    assert not at.exception
+    texts = " ".join(str(m.value) for m in list(at.markdown) + list(at.caption) + list(at.text))
+    assert "DeltaGenerator" not in texts and "st.dataframe" not in texts
+    dups = at.dataframe[1].value  # [0] is the per-class table
+    assert {"identical bytes", "identical pixels"} <= set(dups.kind)
+    assert any("mislabelled.png" in t.value for t in at.text)  # the planted label conflict, listed
