@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +18,11 @@ import pandas as pd
 
 from core.embed.embeddings import list_backbones, load_embeddings
 from core.jobs import JobContext, task
-from core.redundancy import checks, cuts, trees
+from core.redundancy import cuts, review, trees
 from core.store.db import Store, get_store, to_json
 
 SUBSET_SPLIT = "train"
+SAVE_EVERY_S = 3.0  # built trees are committed together at most this often: each write opens the store
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,11 @@ def _fingerprint(image_ids) -> str:
 
 
 def _members_by_class(table: pd.DataFrame) -> dict[str, np.ndarray]:
-    return {label: np.flatnonzero((table.label == label).to_numpy()) for label in sorted(table.label.unique())}
+    """label -> ascending positions in `table`, labels sorted. One sort, not a scan per class (1,000
+    classes x 1.28M images: 0.4 s instead of ~150 s)."""
+    codes, labels = pd.factorize(table.label, sort=True)
+    order = np.argsort(codes, kind="stable")
+    return dict(zip(labels, np.split(order, np.cumsum(np.bincount(codes, minlength=len(labels)))[:-1])))
 
 
 def cluster(name: str, bid: str | None = None, linkage: str = "complete", *, store: Store | None = None,
@@ -76,20 +82,28 @@ def cluster(name: str, bid: str | None = None, linkage: str = "complete", *, sto
     if ctx:
         ctx.phase(f"{linkage}-linkage trees of {len(by_class)} classes ({total:,} images)", total=total)
     built = reused = done = 0
-    for label, pos in by_class.items():
-        fp = _fingerprint(table.image_id.to_numpy()[pos])
+    ids, paths = table.image_id.to_numpy(), table.path.to_numpy()  # once: each call copies all N strings
+    pending, saved_at = [], time.monotonic()
+    for i, (label, pos) in enumerate(by_class.items()):
+        fp = _fingerprint(ids[pos])
         if valid.get(label) == fp:
             reused += 1
         else:
-            tree = trees.build_class_tree(emb[pos], linkage)
-            _save_tree(store, name, bid, linkage, label, fp, table.path.to_numpy()[pos], tree)
+            pending.append((label, fp, paths[pos], trees.build_class_tree(emb[pos], linkage)))
             built += 1
         done += len(pos)
         if ctx:
-            ctx.progress(done, total, f"class {label}: {len(pos):,} images", force=True)
+            ctx.check_cancelled()
+        if i == len(by_class) - 1 or time.monotonic() - saved_at >= SAVE_EVERY_S:
+            _save_trees(store, name, bid, linkage, pending)
+            pending, saved_at = [], time.monotonic()
+            if ctx:
+                ctx.progress(done, total, f"class {label}: {len(pos):,} images", force=True)
     with store.write() as con:  # classes that no longer exist
         con.execute("DELETE FROM trees WHERE dataset = ? AND backbone_id = ? AND linkage = ?"
                     " AND NOT list_contains(?, label)", [name, bid, linkage, list(by_class)])
+    del table, emb, ids, paths  # the review loads the embeddings again: one copy at a time
+    review.find_label_conflicts(name, bid, store=store, ctx=ctx)  # what the page lists beside the groups
     return {"backbone_id": bid, "linkage": linkage, "built": built, "reused": reused, "images": total}
 
 
@@ -98,13 +112,17 @@ def _valid_fingerprints(store: Store, name: str, bid: str, linkage: str) -> dict
                             " AND linkage = ?", [name, bid, linkage]))
 
 
-def _save_tree(store, name, bid, linkage, label, fp, paths, tree: trees.ClassTree) -> None:
-    arrays, meta = tree.to_arrays()
+def _save_trees(store, name, bid, linkage, pending: list[tuple[str, str, np.ndarray, trees.ClassTree]]) -> None:
+    """Store (label, fingerprint, member paths, tree) of several classes in one write transaction."""
+    if not pending:
+        return
     with store.write() as con:
-        con.execute("INSERT OR REPLACE INTO trees (dataset, backbone_id, linkage, label, fingerprint, members,"
-                    " merges, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [name, bid, linkage, label, fp, list(paths),
-                     np.ascontiguousarray(arrays["linkage"], np.float64).tobytes(), to_json(meta)])
+        for label, fp, paths, tree in pending:
+            arrays, meta = tree.to_arrays()
+            con.execute("INSERT OR REPLACE INTO trees (dataset, backbone_id, linkage, label, fingerprint, members,"
+                        " merges, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [name, bid, linkage, label, fp, list(paths),
+                         np.ascontiguousarray(arrays["linkage"], np.float64).tobytes(), to_json(meta)])
 
 
 @task("cluster")
@@ -119,7 +137,8 @@ def tree_status(name: str, bid: str, linkage: str = "complete", store: Store | N
     table, _ = _train_embeddings(name, bid, store)
     by_class = _members_by_class(table)
     valid = _valid_fingerprints(store, name, bid, linkage)
-    ready = sum(valid.get(c) == _fingerprint(table.image_id.to_numpy()[pos]) for c, pos in by_class.items())
+    ids = table.image_id.to_numpy()  # once: pandas 3 strings are Arrow-backed, each to_numpy() copies all N
+    ready = sum(valid.get(c) == _fingerprint(ids[pos]) for c, pos in by_class.items())
     return {"classes": len(by_class), "ready": ready, "stale": len(by_class) - ready}
 
 
@@ -133,15 +152,24 @@ def load_clustering(name: str, bid: str | None = None, linkage: str = "complete"
         "SELECT label, fingerprint, merges, meta FROM trees WHERE dataset = ? AND backbone_id = ? AND linkage = ?",
         [name, bid, linkage])}
     classes = {}
+    ids = table.image_id.to_numpy()  # once: pandas 3 strings are Arrow-backed, each to_numpy() copies all N
     for label, pos in _members_by_class(table).items():
         row = rows.get(label)
-        if row is None or row[0] != _fingerprint(table.image_id.to_numpy()[pos]):
+        if row is None or row[0] != _fingerprint(ids[pos]):
             raise ValueError(f"the {linkage}-linkage tree of class {label!r} is missing or out of date:"
                              f" run `redex cluster {name} --linkage {linkage}`")
         merges = np.frombuffer(row[1], np.float64).reshape(-1, 4)
         tree = trees.ClassTree.from_arrays({"linkage": merges}, json.loads(row[2]))
-        classes[label] = (tree, emb[pos], pos)
+        classes[label] = (tree, _rows_of(emb, pos), pos)
     return Clustering(name, bid, linkage, table, emb, classes)
+
+
+def _rows_of(emb: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """emb[pos] for ascending positions: a view when they are one run (classes stored one after the
+    other, as a folder scan stores them), else a copy."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1:
+        return emb[pos[0]:pos[-1] + 1]
+    return emb[pos]
 
 
 # -- subsets -----------------------------------------------------------------------------------
@@ -172,43 +200,23 @@ def groups_by_size(frame: pd.DataFrame, label: str | None = None, min_size: int 
     return groups.reset_index()
 
 
-# -- duplicates and label conflicts ------------------------------------------------------------
-def duplicates(name: str, store: Store | None = None) -> pd.DataFrame:
-    """Exact duplicates over all images: identical bytes, or identical decoded pixels."""
-    store = store or get_store()
-    table = store.query_df("SELECT row, path, label, split, image_id, pixel_hash FROM images WHERE dataset = ?"
-                           " ORDER BY row", [name])
-    out = []
-    for kind, key in (("identical bytes", "image_id"), ("identical pixels", "pixel_hash")):
-        for gid, members in enumerate(checks.exact_duplicates(list(table[key]))):
-            part = table.iloc[members][["row", "path", "label", "split"]].assign(kind=kind, group=gid)
-            out.append(part)
-    if not out:
-        return pd.DataFrame(columns=["kind", "group", "row", "path", "label", "split"])
-    df = pd.concat(out)
-    # Byte-identical files are also pixel-identical: list a pixel group only if it adds something.
-    byte_sets = {frozenset(g.path) for _, g in df[df.kind == "identical bytes"].groupby("group")}
-    pixel = df[df.kind == "identical pixels"]
-    dup_px = [g for _, g in pixel.groupby("group") if frozenset(g.path) not in byte_sets]
-    df = pd.concat([df[df.kind == "identical bytes"]] + dup_px)
-    return df[["kind", "group", "row", "path", "label", "split"]].reset_index(drop=True)
-
-
-def label_conflicts(name: str, bid: str | None = None, threshold: float = 0.01,
-                    store: Store | None = None) -> pd.DataFrame:
-    """Near-identical images (cosine distance <= threshold) with different labels: likely label errors."""
-    store = store or get_store()
-    bid = bid or default_backbone(name, store)
-    table, emb = load_embeddings(name, bid, store)
-    pairs = checks.cross_class_conflicts(emb, table.label.to_numpy(), threshold)
-    a, b = table.iloc[pairs["i"]].reset_index(drop=True), table.iloc[pairs["j"]].reset_index(drop=True)
-    return pd.DataFrame({"distance": pairs["distance"], "path_a": a.path, "label_a": a.label, "row_a": a.row,
-                         "path_b": b.path, "label_b": b.label, "row_b": b.row})
-
-
 def trees_version(name: str, bid: str, linkage: str, store: Store | None = None) -> str:
     """Changes whenever a tree of (dataset, backbone, linkage) is written: a cache key for the pages."""
     store = store or get_store()
     count, newest = store.query("SELECT count(*), max(created_at) FROM trees WHERE dataset = ? AND backbone_id = ?"
                                 " AND linkage = ?", [name, bid, linkage])[0]
     return f"{count}:{newest}"
+
+
+def state_version(name: str, bid: str, linkage: str, store: Store | None = None) -> str:
+    """Changes whenever anything a cut of (dataset, backbone, linkage) depends on changes: the scan,
+    the embeddings, the trees, the label-conflict search. One cheap query: pages key caches on it."""
+    store = store or get_store()
+    row = store.query(
+        "SELECT (SELECT scanned_at FROM datasets WHERE name = $n),"
+        " (SELECT count(*) FROM embeddings WHERE backbone_id = $b),"
+        " (SELECT count(*) || ':' || max(created_at) FROM trees WHERE dataset = $n AND backbone_id = $b"
+        "  AND linkage = $l),"
+        " (SELECT max(computed_at) FROM review_state WHERE dataset = $n AND backbone_id = $b)",
+        {"n": name, "b": bid, "l": linkage})[0]
+    return "|".join(str(v) for v in row)
