@@ -97,6 +97,17 @@ def regular_file(path: str | Path, what: str = "file") -> os.stat_result:
     return st
 
 
+def file_digest(path: str | Path, what: str = "file") -> str:
+    """A short hash (12 hex digits) of a file's bytes, for ids of models loaded from a user's file.
+    `regular_file` first, so a FIFO or a device is refused instead of read."""
+    regular_file(path, what)
+    h = hashlib.blake2b(digest_size=6)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def id_file_name(ident: str, suffix: str = "") -> str:
     """A file name for an id of any length and characters (a backbone or model id), for use with
     `safe_join`: characters other than letters, digits and `-_.` become `_` (so existing file names

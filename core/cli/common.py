@@ -6,8 +6,10 @@ with a progress bar (`follow`) unless `--detach` was given.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from core import jobs
 from core.store.db import get_store
@@ -43,6 +45,35 @@ def add_representative_flag(p) -> None:
     from core.redundancy.cuts import REPRESENTATIVES
 
     p.add_argument("--representative", default="nearest_mean", choices=REPRESENTATIVES)
+
+
+# -- files the user names -----------------------------------------------------------------------
+def check_out_file(out: str, suffixes: tuple[str, ...] | None = None, *, flag: str = "--out",
+                   make_parents: bool = False) -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a parent folder that
+    is missing (unless the command creates it: `make_parents`) or is a file, no write permission, or
+    (with `suffixes`) the wrong extension."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise CliError(f"{flag} {out} is a folder; give a file name, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CliError(f"{flag} {out}: give a file name ending in {' or '.join(suffixes)}")
+    parent = path.absolute().parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folder the missing ones will be made in
+    if not parent.is_dir():
+        raise CliError(f"{flag} {out}: {parent} is {'a file' if parent.exists() else 'not an existing folder'}")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise CliError(f"{flag} {out}: {'the file' if path.exists() else parent} is not writable")
+    return path
+
+
+def check_out_folder(out: str, flag: str) -> Path:
+    """Refuse, before any work, an output folder that is an existing file."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag} {out} is a file; give a folder that is empty or does not exist yet")
+    return path
 
 
 # -- starting and following a job --------------------------------------------------------------

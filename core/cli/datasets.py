@@ -1,7 +1,10 @@
-"""`redex datasets add|list`, `redex info`: register, scan and inspect datasets."""
+"""`redex datasets add|list|remove`, `redex info`: register, scan, inspect and remove datasets."""
 from __future__ import annotations
 
-from core.cli.common import add_command, add_detach_flag, start_job
+import sys
+
+from core.cli.common import CliError, add_command, add_detach_flag, start_job
+from core.cli.doctor import save_record
 from core.data import catalog, sources
 
 
@@ -15,6 +18,9 @@ def add_parsers(sub) -> None:
     add.add_argument("--image-size", type=int, help="working size in pixels (default: native if <= 64, else 64)")
     add_detach_flag(add)
     add_command(ds, "list", cmd_datasets_list, "list registered datasets", dataset=False)
+    rm = add_command(ds, "remove", cmd_datasets_remove,
+                     "delete a dataset and everything derived from it (never its source files)")
+    rm.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     info = add_command(sub, "info", cmd_info, "counts per class and split, and every problem file")
     info.add_argument("--ids", action="store_true", help="list every image's content id")
@@ -22,12 +28,36 @@ def add_parsers(sub) -> None:
 
 def cmd_datasets_add(args) -> int:
     name = sources.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
+    save_record()
     return start_job(args, "scan", name, None, f"dataset {name!r}: scanning", after=lambda: print_summary(name))
 
 
 def cmd_datasets_list(args) -> int:
     df = catalog.list_datasets()
+    save_record()
     print(df.to_string(index=False) if len(df) else "no datasets yet: `redex datasets add fashion-mnist`")
+    return 0
+
+
+def cmd_datasets_remove(args) -> int:
+    ds = catalog.get_dataset(args.name)  # an unknown name fails here, listing the known ones
+    what = (f"dataset {args.name!r} ({ds['kind']}: {ds['source']}) and everything derived from it (pixel cache,"
+            " embeddings, trees, training runs, models, jobs); its source files are kept")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"this removes {what}. Nothing was removed: confirm with --yes (there is no"
+                           " terminal to ask on)")
+        answer = input(f"remove {what}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    removed = sources.remove_dataset(args.name)
+    save_record()
+    rows = ", ".join(f"{table} {n:,}" for table, n in sorted(removed["tables"].items()))
+    print(f"removed dataset {args.name!r}; rows deleted: {rows or 'none'}")
+    for file in removed["files"]:
+        print(f"  deleted {file}")
+    print(f"its source {ds['source']} was not touched")
     return 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from core.cli.common import NEWEST_BACKBONE, CliError, add_command, add_detach_flag, start_job
-from core.data import catalog
 
 
 def add_parsers(sub) -> None:
@@ -20,9 +19,11 @@ def add_parsers(sub) -> None:
 
 
 def cmd_embed(args) -> int:
-    catalog.load_pixels(args.name)  # fail fast if it was never scanned
+    from core.embed.embeddings import check_embed_params
+
     params = {k: v for k, v in {"backbone": args.backbone, "epochs": args.epochs,
                                 "checkpoint": args.checkpoint, "retrain": args.retrain}.items() if v}
+    params = check_embed_params(args.name, params)  # unscanned, a bad spec or checkpoint: refused before the job
     return start_job(args, "embed", args.name, params, f"embedding {args.name!r}")
 
 

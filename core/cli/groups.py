@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from core.cli.common import (NEWEST_BACKBONE, add_command, add_detach_flag, add_linkage_flag,
-                             add_representative_flag, start_job)
+                             add_representative_flag, check_out_file, check_out_folder, start_job)
 
 
 def add_parsers(sub) -> None:
@@ -18,6 +18,8 @@ def add_parsers(sub) -> None:
     ex = _subset_command(sub, "export", cmd_export, "write the kept images as an image folder (symlinks, or --copy)")
     ex.add_argument("--imagefolder", required=True, help="output folder (must be new or empty)")
     ex.add_argument("--copy", action="store_true", help="copy files instead of symlinking")
+    ex.add_argument("--skip-missing", action="store_true",
+                    help="leave out source files that no longer exist (default: refuse, listing them)")
 
 
 def _subset_command(sub, command: str, func, help: str):
@@ -56,6 +58,7 @@ def _subset(args):
 def cmd_subset(args) -> int:
     from core.redundancy import export
 
+    check_out_file(args.out, (".csv", ".parquet", ".pq"))
     out = export.export_table(_subset(args), args.out, which=args.which)
     print(f"wrote {out}")
     return 0
@@ -64,6 +67,13 @@ def cmd_subset(args) -> int:
 def cmd_export(args) -> int:
     from core.redundancy import export
 
-    n = export.export_imagefolder(args.name, _subset(args), args.imagefolder, copy=args.copy)
+    check_out_folder(args.imagefolder, "--imagefolder")
+    frame = _subset(args)
+    n = export.export_imagefolder(args.name, frame, args.imagefolder, copy=args.copy,
+                                  skip_missing=args.skip_missing)
     print(f"wrote {n:,} {'files' if args.copy else 'symlinks'} under {args.imagefolder}")
+    skipped = int(frame.kept.sum()) - n
+    if skipped:
+        print(f"skipped {skipped:,} kept image(s) whose source file no longer exists"
+              f" (`redex datasets add` on the source rescans it)")
     return 0

@@ -1,7 +1,7 @@
 """`redex ltrp train|score|show`: LTRP patch ranking."""
 from __future__ import annotations
 
-from core.cli.common import add_command, add_detach_flag, start_job
+from core.cli.common import add_command, add_detach_flag, check_out_file, start_job
 from core.data import catalog
 
 
@@ -52,7 +52,7 @@ def cmd_ltrp_train(args) -> int:
     params = {k: v for k, v in params.items() if v is not None}
     models.LtrpSettings.from_params(params)  # bad values fail here, before a job starts
     if args.checkpoint:
-        models.load_mae_checkpoint(args.checkpoint)  # an unusable file fails here, with the reason
+        models.check_mae_checkpoint(args.name, args.checkpoint)  # an unusable file fails here, with the reason
         params["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
     return start_job(args, "ltrp", args.name, params,
                      f"LTRP for {args.name!r}: MAE, ranker{'' if args.no_score else ', score maps'}",
@@ -75,6 +75,7 @@ def cmd_ltrp_show(args) -> int:
     from core.ltrp import models, scoring
     from core.ltrp import view as ltrp_view
 
+    check_out_file(args.out, make_parents=True)
     rid = _ranker_id(args)
     image = ltrp_view.resolve_image(args.name, args.image)
     scores, stored = scoring.image_scores(args.name, rid, image)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import config
+from core import config, paths
 from core.data.catalog import get_dataset, images_table, load_pixels
 from core.jobs import JobContext, task
 from core.store.db import Store, get_store, to_json
@@ -37,16 +37,27 @@ def backbone_id(dataset: str, spec: str, *, recipe: dict | None = None, checkpoi
     ds = get_dataset(dataset, store)
     ident = f"{spec}@{ds['image_size']}x{ds['channels']}"
     if checkpoint:
-        ident += "#" + file_digest(Path(checkpoint))
+        ident += "#" + paths.file_digest(checkpoint, "checkpoint")
     return ident
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=6)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_embed_params(dataset: str, params: dict, store: Store | None = None) -> dict:
+    """The params of an `embed` job, checked before the job starts (the CLI and the page call this):
+    the dataset was scanned, the backbone spec is valid, and a `checkpoint` (timm backbones only) is a
+    regular file holding a state dict that `torch.load(weights_only=True)` reads and whose tensor names
+    and shapes fit the model (`timm_models.check_checkpoint`). Returns the params, the checkpoint as an
+    absolute path; raises `DatasetError`, `ValueError` or `BackboneUnavailable` with the reason."""
+    from core.embed import backbones, timm_models
+
+    load_pixels(dataset, store)  # fails if it was never scanned
+    spec = backbones.parse_spec(params.get("backbone") or backbones.DEFAULT_BACKBONE)
+    checkpoint = params.get("checkpoint")
+    if not checkpoint:
+        return dict(params)
+    if spec.kind != "timm":
+        raise ValueError(f"a checkpoint is for timm backbones; {spec} is trained here on the dataset")
+    timm_models.check_checkpoint(spec.name, checkpoint)
+    return dict(params, checkpoint=str(Path(checkpoint).expanduser().resolve()))
 
 
 def list_backbones(dataset: str, store: Store | None = None):
@@ -94,7 +105,7 @@ def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoi
     if epochs:
         recipe = dataclasses.replace(recipe, epochs=int(epochs))
     bid = backbone_id(name, spec, recipe=recipe.to_dict())
-    ckpt = config.artifacts_dir("backbones") / f"{safe_name(bid)}.pt"
+    ckpt = config.model_file("backbones", bid)
     if ckpt.exists() and not retrain:
         model, _meta = backbones.load_checkpoint(ckpt)
         if ctx:
@@ -105,10 +116,6 @@ def ensure_backbone(name: str, spec: str, *, epochs: int | None = None, checkpoi
     _record_backbone(store, bid, name, spec, str(ckpt), model.embed_dim, metrics)
     EMBEDDINGS.delete(bid, store)  # a retrained backbone makes the old embeddings stale
     return model, bid
-
-
-def safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def _train(name: str, spec: str, recipe, store: Store, ctx: JobContext | None):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import paths
 from core.training.checkpoints import read_weights
 
 
@@ -73,19 +74,42 @@ def load_timm(name: str, checkpoint: str | Path | None = None) -> TimmBackbone:
 
     check_timm_name(name)
     tried = []
-    path = Path(checkpoint) if checkpoint is not None else _cached_timm_weights(name, tried)
-    if path is None or not path.is_file():
-        if path is not None:
-            tried.append(f"checkpoint {path} (no such file)")
+    path = Path(checkpoint).expanduser() if checkpoint is not None else _cached_timm_weights(name, tried)
+    if path is not None and not path.exists():
+        tried.append(f"checkpoint {path} (no such file)")
+        path = None
+    if path is None:
         raise BackboneUnavailable(
             f"no pretrained weights for timm model {name!r}. Tried: {'; '.join(tried)}. "
             f"Supply a local weights file with --checkpoint PATH (a .safetensors or .pth state dict "
             f"for {name!r}), or put the Hugging Face repository in the cache "
             f"(`huggingface-cli download <repo>` on a machine with internet, then copy the cache)."
         )
+    paths.regular_file(path, "checkpoint")  # a folder, a FIFO, a device: refused before opening
     model = timm.create_model(name, pretrained=False, num_classes=0)
     _load_body(model, _read_state_dict(path), name, path)
     return TimmBackbone(model, name).eval()
+
+
+def check_checkpoint(name: str, checkpoint: str | Path) -> None:
+    """Refuse, with the reason, a weights file that `load_timm(name, checkpoint)` could not use, before a
+    job starts: not a regular file, not a state dict `torch.load(weights_only=True)` can read, or
+    tensors whose names or shapes do not match timm model `name` (built on the meta device, no memory)."""
+    import timm
+
+    check_timm_name(name)
+    path = Path(checkpoint).expanduser()
+    paths.regular_file(path, "checkpoint")
+    state = _read_state_dict(path)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})" for k, v in state.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise BackboneUnavailable(f"{path} does not hold weights for timm model {name!r}: shapes differ: "
+                                  f"{', '.join(wrong[:3])}")
+    _check_keys(model, [k for k in expected if k not in state], [k for k in state if k not in expected], name, path)
 
 
 def _cached_timm_weights(name: str, tried: list[str]) -> Path | None:
@@ -114,27 +138,46 @@ def _cached_timm_weights(name: str, tried: list[str]) -> Path | None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from `.safetensors` or a torch file (`weights_only=True`), unwrapped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from `.safetensors` or a torch file (`weights_only=True`), unwrapped.
+    `ValueError` with the reason for a file that is neither (garbage, truncated, a pickle of objects)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = read_weights(path)
+            return load_file(str(path))
+        state = read_weights(path)
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc):
+            reason = "it holds Python objects besides tensors, which are never loaded (weights_only=True)"
+        raise ValueError(f"{path}: not a weights file that can be loaded safely (.safetensors, or a"
+                         f" PyTorch state dict): {reason}") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a dict of tensors)")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
 def _load_body(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
     """Load every non-classifier weight strictly; classifier weights in `state` are ignored."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise BackboneUnavailable(f"{path} does not hold weights for timm model {name!r}: "
+                                  f"{' '.join(str(exc).split())[:400]}") from None
+    _check_keys(model, result.missing_keys, result.unexpected_keys, name, path)
+
+
+def _check_keys(model: nn.Module, missing: list[str], unexpected: list[str], name: str, path: Path) -> None:
+    """Every body weight present, nothing unknown besides the classifier's."""
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = head if isinstance(head, (list, tuple)) else [head]
-    unexpected = [k for k in result.unexpected_keys if not any(k.startswith(h + ".") for h in heads)]
-    if result.missing_keys or unexpected:
+    unexpected = [k for k in unexpected if not any(k.startswith(h + ".") for h in heads)]
+    if missing or unexpected:
         raise BackboneUnavailable(
             f"{path} does not hold weights for timm model {name!r}: "
-            f"missing {result.missing_keys[:5]}, unexpected {unexpected[:5]}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -10,14 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from core import config
+from core import config, paths
 from core.data.catalog import get_dataset, load_pixels
-from core.embed.embeddings import (
-    file_digest,
-    progress_message,
-    safe_name,
-    training_split,
-)
+from core.embed.embeddings import progress_message, training_split
 from core.jobs import JobContext
 from core.store.db import Store, get_store, to_json
 from core.store.vectors import VectorTable
@@ -80,7 +75,7 @@ def mae_model_id(dataset: str, cfg, recipe: dict) -> str:
 
 def checkpoint_mae_id(checkpoint: str | Path) -> str:
     """An MAE loaded from a user's checkpoint (the same file gives the same id on any dataset)."""
-    return f"mae:file-{file_digest(Path(checkpoint))}"
+    return f"mae:file-{paths.file_digest(Path(checkpoint).expanduser(), 'checkpoint')}"
 
 
 def ranker_model_id(dataset: str, cfg, recipe: dict, mae_id: str) -> str:
@@ -88,7 +83,7 @@ def ranker_model_id(dataset: str, cfg, recipe: dict, mae_id: str) -> str:
 
 
 def _checkpoint_path(model_id: str) -> Path:
-    return config.artifacts_dir("ltrp") / f"{safe_name(model_id)}.pt"
+    return config.model_file("ltrp", model_id)
 
 
 # -- the MAE -----------------------------------------------------------------------------------
@@ -108,8 +103,7 @@ def load_mae_checkpoint(path: str | Path):
     )
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    paths.regular_file(path, "checkpoint file")  # missing, a folder, a FIFO, a device: refused unopened
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -126,6 +120,15 @@ def load_mae_checkpoint(path: str | Path):
         raise ValueError(f"{path}: cannot be used as an MAE: {exc}") from None
 
 
+def check_mae_checkpoint(name: str, checkpoint: str | Path, store: Store | None = None):
+    """The MAE in a user's `checkpoint`, if it can serve dataset `name` (`load_mae_checkpoint`, then the
+    channels); raises with the reason otherwise. Called before an `ltrp` job starts, and by the job."""
+    mae = load_mae_checkpoint(checkpoint)
+    if mae.cfg.in_chans == 1 and get_dataset(name, store)["channels"] == 3:
+        raise ValueError(f"{checkpoint}: a 1-channel MAE cannot take {name!r}'s RGB images")
+    return mae
+
+
 def ensure_mae(name: str, settings: LtrpSettings, *, checkpoint: str | None = None, retrain: bool = False,
                store: Store | None = None, ctx: JobContext | None = None):
     """Load (user checkpoint), reuse (cached) or train the dataset's MAE. Returns (mae, mae_id, fresh)."""
@@ -134,9 +137,7 @@ def ensure_mae(name: str, settings: LtrpSettings, *, checkpoint: str | None = No
     store = store or get_store()
     ds = get_dataset(name, store)
     if checkpoint:
-        mae = load_mae_checkpoint(checkpoint)
-        if mae.cfg.in_chans == 1 and ds["channels"] == 3:
-            raise ValueError(f"{checkpoint}: a 1-channel MAE cannot take {name!r}'s RGB images")
+        mae = check_mae_checkpoint(name, checkpoint, store)
         mid = checkpoint_mae_id(checkpoint)
         _record_model(store, mid, None, "mae", None, str(Path(checkpoint).expanduser().resolve()),
                       {"source": "file", **mae.cfg.to_dict()}, {})

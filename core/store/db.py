@@ -1,4 +1,4 @@
-"""The DuckDB store: one file holds datasets, images, problems, embeddings, projections and jobs.
+"""The DuckDB store: one file holds everything redex knows (schema: `core.store.migrations`).
 
 DuckDB lets one process write a file at a time, and a read-write connection excludes every other
 process, readers included. The app, the CLI and background jobs all use the file at once, so no
@@ -35,6 +35,25 @@ class StoreLockTimeout(RuntimeError):
     """Another process held the store for longer than REDEX_LOCK_TIMEOUT seconds."""
 
 
+class StoreCorrupt(RuntimeError):
+    """The store file cannot be read (not a DuckDB file, truncated, a bad checksum): the message names the
+    file and what to do. `path` is the file."""
+
+    def __init__(self, path: Path, detail: str):
+        self.path, self.detail = path, " ".join(detail.split())
+        super().__init__(
+            f"the redex store {path} is damaged ({self.detail}). `redex doctor` says what can be recovered;"
+            f" `redex doctor --repair` moves the file aside (to {path.name}.corrupt-<time>), starts a fresh"
+            f" store and registers again the datasets whose sources it finds. Or restore the file from a backup.")
+
+
+_CORRUPT = ("corrupt database", "not a valid duckdb database", "could not read enough bytes", "checksum")
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.Error) and any(m in str(exc).lower() for m in _CORRUPT)
+
+
 class Store:
     """Short-lived, lock-guarded DuckDB connections to one file; safe across processes and threads."""
 
@@ -59,6 +78,10 @@ class Store:
             self._local.con = con
             try:
                 yield con
+            except duckdb.Error as exc:
+                if _is_corrupt(exc):
+                    raise StoreCorrupt(self.path, str(exc)) from None
+                raise
             finally:
                 self._local.con = None
                 con.close()
@@ -79,9 +102,11 @@ class Store:
                 con.begin()
                 yield con
                 con.commit()
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     con.rollback()
+                if _is_corrupt(exc):
+                    raise StoreCorrupt(self.path, str(exc)) from None
                 raise
             finally:
                 self._local.con = None
@@ -162,8 +187,11 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+        except duckdb.Error as exc:
+            if _is_corrupt(exc):
+                raise StoreCorrupt(path, str(exc)) from None
+            if not isinstance(exc, duckdb.IOException) or "lock" not in str(exc).lower() \
+                    or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
