@@ -68,8 +68,47 @@ def image_folder(tmp_path, fmnist_test) -> Path:
     return root
 
 
-# -- end to end: the real Streamlit server and Debian's chromium driven by Playwright ----------
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    run about as fast, and far faster when other jobs share a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def wait_until(predicate, timeout: float = 300, what: str = "the condition", poll: float = 0.2):
+    """Poll `predicate()` until it returns something truthy and return that; fail the test, naming `what`,
+    when `timeout` seconds pass first. Make the predicate decisive (true as soon as the outcome is known,
+    e.g. "no longer queued") and assert on the value it returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_page(path: str, **state):
+    """Page `path` (relative to the repository root) run once, headless, through Streamlit's AppTest,
+    with `state` set in its session first. Returns the AppTest to inspect, change and rerun."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / path), default_timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+# -- end to end: the real Streamlit server and Debian's chromium driven by Playwright ----------
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 e2e_marks = [pytest.mark.e2e, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
 

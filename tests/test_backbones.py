@@ -18,15 +18,7 @@ from core.training import recipe as training_recipe
 
 SPEC = backbones.DEFAULT_BACKBONE
 ARCH = backbones.parse_spec(SPEC).name
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: one thread is about as fast, and does not stall when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches: no stall when other jobs share the CPU
 
 
 @pytest.fixture(scope="module")

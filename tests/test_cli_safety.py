@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,6 @@ def subset_of_all(monkeypatch, store):
     from core.cli import groups
 
     monkeypatch.setattr(groups, "_subset", lambda args: all_kept(args.name, store))
-
-
-def wait_for(job_id: int, store, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = jobs.get_job(job_id, store)
-        if job["status"] in jobs.FINAL:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end")
 
 
 # -- --out and --imagefolder -------------------------------------------------------------------
@@ -125,7 +114,7 @@ def test_a_corrupt_store_names_the_file_and_the_fix_and_doctor_repairs_it(scanne
     assert len(list(cache.glob("redex.duckdb.corrupt-*"))) == 1
     fresh = db.get_store()
     (job,) = jobs.list_jobs(fresh)
-    assert wait_for(job["id"], fresh)["status"] == "done"
+    assert jobs.wait(job["id"], fresh, timeout=300)["status"] == "done"
     assert catalog.get_dataset("demo", fresh)["source"] == str(scanned)
     assert len(catalog.images_table("demo", fresh)) == 6
     run = redex("doctor")

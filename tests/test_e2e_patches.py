@@ -9,24 +9,19 @@ pytestmark = e2e_marks
 
 
 @pytest.fixture
-def ready(tmp_path, monkeypatch):
+def ready(tmp_path, monkeypatch, one_thread):
     """In the server's cache: Fashion-MNIST (100 per split), embedded, clustered, with a tiny ranker."""
-    import torch
-
     from core.ltrp import models, scoring
     from core.redundancy import clusterings
     from core.store import db
     from tests.test_patches import TINY
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         store, name, bid = embedded_demo(tmp_path / "cache", monkeypatch)
         clusterings.cluster(name, bid, store=store)
         rid = models.train_ltrp(name, models.LtrpSettings(**TINY), store=store)["ranker_id"]
         scoring.score_dataset(name, rid, store=store)
     finally:
-        torch.set_num_threads(threads)
         db._stores.clear()
     return name
 

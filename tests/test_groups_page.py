@@ -1,11 +1,11 @@
 """The Redundant groups page at interactive speed: a slider move reruns the cut, never the expensive
 work behind it (trees, duplicates, label conflicts, the map), and what it shows is plain text."""
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from core.embed import projection
 from core.redundancy import clusterings, review
-from tests.test_groups import ROOT, clustered  # noqa: F401  (the fixture)
+from tests.conftest import run_page
+from tests.test_groups import clustered  # noqa: F401  (the fixture)
 
 EXPENSIVE = [(clusterings, "load_clustering"), (clusterings, "tree_status"), (review, "duplicates"),
              (review, "label_conflicts"), (projection, "projection")]
@@ -31,9 +31,7 @@ def kept(at) -> int:
 
 def test_slider_reruns_cost_no_expensive_call(clustered, calls):  # noqa: F811
     name, bid, _ = clustered
-    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
-    at.session_state["dataset"] = name
-    at.run()
+    at = run_page("pages/redundant_groups.py", dataset=name)
     assert not at.exception
     at.segmented_control(key="groups_section").set_value("Duplicates & label conflicts").run()
     assert not at.exception
@@ -51,9 +49,7 @@ def test_slider_reruns_cost_no_expensive_call(clustered, calls):  # noqa: F811
 
 def test_duplicates_section_shows_a_table_not_source_or_help(clustered):  # noqa: F811
     name, _, _ = clustered
-    at = AppTest.from_file(str(ROOT / "pages/redundant_groups.py"), default_timeout=60)
-    at.session_state["dataset"] = name
-    at.run()
+    at = run_page("pages/redundant_groups.py", dataset=name)
     at.segmented_control(key="groups_section").set_value("Duplicates & label conflicts").run()
     assert not at.exception
     texts = " ".join(str(m.value) for m in list(at.markdown) + list(at.caption) + list(at.text))

@@ -29,15 +29,7 @@ from core.ltrp.vit import isolation_attn_mask, random_visible_idx, visible_mask
 TINY = MAEConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, heads=2,
                  decoder_embed_dim=32, decoder_depth=2, decoder_heads=2)
 TINY_RANKER = dict(embed_dim=32, depth=2, heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and far faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on a busy 2-core machine
 
 
 def tiny_mae(seed: int = 0, cfg: MAEConfig = TINY) -> MaskedAutoencoder:

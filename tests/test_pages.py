@@ -1,23 +1,13 @@
 """Each page, headless through Streamlit's AppTest, against a real store with real data."""
 import os
-from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from core import jobs
 from core.data import catalog, scan, sources
 from core.embed import embeddings, projection
 from core.embed.backbones import DEFAULT_BACKBONE
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_page(path: str, **state) -> AppTest:
-    at = AppTest.from_file(str(ROOT / path), default_timeout=60)
-    for key, value in state.items():
-        at.session_state[key] = value
-    return at.run()
+from tests.conftest import run_page
 
 
 @pytest.fixture
@@ -62,8 +52,11 @@ def test_datasets_page_shows_counts_problems_and_images(scanned):
     root = os.geteuid() == 0  # root can read the chmod-0 file, so it is kept
     assert metrics["Images"] == ("65" if root else "64") and metrics["Skipped files"] == ("4" if root else "5")
     problems = at.dataframe[1].value
-    assert set(problems.path) >= {"train/class0/empty.png", "train/class0/bomb.png", "train/class0/cmyk.jpg"}
-    assert len(at.get("imgs")) > 0 or len(at.get("image")) > 0
+    bad = {"empty.png", "notes.png", "truncated.png", "bomb.png", "cmyk.jpg", "sixteen.png", "alpha.png",
+           "palette.png"} | (set() if root else {"locked.png"})
+    assert sorted(problems.path) == sorted(f"train/class0/{f}" for f in bad)  # every problem file, no other
+    # The grid shows the first class, class0, whole: its 20 images and the 4 (5 as root) converted ones.
+    assert len(at.get("image")) == (25 if root else 24)
 
 
 def test_datasets_page_bad_path_is_a_clear_error(store):

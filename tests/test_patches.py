@@ -17,21 +17,13 @@ from core.ltrp import models as ltrp_models
 from core.ltrp import scoring
 from core.ltrp import view as ltrp_view
 from core.ltrp.mae import MAEConfig, MaskedAutoencoder
+from tests.conftest import run_page
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"mae_epochs": 1, "ranker_epochs": 1, "mae_batch": 64, "ranker_batch": 64,
         "mae_config": {"embed_dim": 32, "depth": 1, "heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
                        "decoder_heads": 2},
         "ranker_config": {"embed_dim": 32, "depth": 1, "heads": 2}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and far faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on a busy 2-core machine
 
 
 @pytest.fixture
@@ -227,19 +219,12 @@ def test_cli_train_score_and_show(store, fmnist, tmp_path, capsys):
 
 
 # -- the page ----------------------------------------------------------------------------------
-def run_page(**state) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages/patch_heatmaps.py"), default_timeout=60)
-    for key, value in state.items():
-        at.session_state[key] = value
-    return at.run()
-
-
 def metrics(at: AppTest) -> dict:
     return {m.label: m.value for m in at.metric}
 
 
 def test_page_without_a_ranker_starts_the_job(store, fmnist):
-    at = run_page(dataset=fmnist)
+    at = run_page("pages/patch_heatmaps.py", dataset=fmnist)
     assert not at.exception
     assert any("No patch ranker for this dataset yet" in i.value for i in at.info)
     next(b for b in at.button if b.label == "Train the patch ranker").click()
@@ -254,7 +239,7 @@ def test_page_without_a_ranker_starts_the_job(store, fmnist):
 
 def test_page_heatmap_slider_grid_and_group(store, scored):
     name, rid = scored
-    at = run_page(dataset=name)
+    at = run_page("pages/patch_heatmaps.py", dataset=name)
     assert not at.exception
     assert metrics(at)["Kept patches"] == "24 / 49" and metrics(at)["Score map"] == "stored"
     assert len(at.get("plotly_chart")) == 1
@@ -273,8 +258,8 @@ def test_page_heatmap_slider_grid_and_group(store, scored):
     assert not at.exception and len(at.get("image")) == 8
 
     # What the Redundant groups page's button leaves in the session: the group opens side by side.
-    at = run_page(dataset=name, heatmap_group={"dataset": name, "title": "Group 3 · Bag", "rows": [1, 2, 5]},
-                  heatmap_group_new=True)
+    at = run_page("pages/patch_heatmaps.py", dataset=name,
+                  heatmap_group={"dataset": name, "title": "Group 3 · Bag", "rows": [1, 2, 5]}, heatmap_group_new=True)
     assert not at.exception
     assert at.radio(key="heat_mode").value == "Redundant group" and at.subheader[0].value == "Group 3 · Bag"
     assert len(at.get("image")) == 6  # score maps, then kept patches

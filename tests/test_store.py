@@ -8,6 +8,7 @@ import pytest
 from core import jobs
 from core.store.db import Store
 from core.store.migrations import MIGRATIONS
+from tests.conftest import wait_until
 
 
 def test_migrations_run_once_and_are_versioned(cache):
@@ -73,23 +74,32 @@ def test_app_cli_and_jobs_use_the_store_at_once(store, image_folder):
 
 READER = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     from core.store.db import Store
     s = Store(sys.argv[1])
-    end = time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < end:
+    ready, stop = Path(sys.argv[2]), Path(sys.argv[3])
+    end = time.monotonic() + 120  # a writer that waits for the readers to stop would wait this long
+    while time.monotonic() < end and not stop.exists():
         s.query("SELECT count(*) FROM job_events")
+        ready.touch()
 """)
 
 
-def test_a_stream_of_readers_does_not_starve_a_writer(store):
+def test_a_stream_of_readers_does_not_starve_a_writer(store, tmp_path):
     """Readers polling back to back (pages, CLIs, tests) must not keep a job from writing its progress."""
-    import time
-
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store.path), "8"]) for _ in range(4)]
-    time.sleep(2)  # readers are in full swing
-    for i in range(20):
-        store.execute("INSERT INTO job_events (job_id, level, message) VALUES (7, 'info', ?)", [str(i)])
-    still_reading = sum(p.poll() is None for p in readers)
+    stop = tmp_path / "stop"
+    ready = [tmp_path / f"reading-{i}" for i in range(4)]
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store.path), str(r), str(stop)]) for r in ready]
+    try:
+        wait_until(lambda: all(r.exists() for r in ready) or any(p.poll() is not None for p in readers),
+                   what="4 readers in full swing")
+        assert all(p.poll() is None for p in readers), "a reader stopped before the writes"
+        for i in range(20):
+            store.execute("INSERT INTO job_events (job_id, level, message) VALUES (7, 'info', ?)", [str(i)])
+        # Readers stop only when told (or after 120 s): all still reading means the writes did not wait for them.
+        still_reading = sum(p.poll() is None for p in readers)
+    finally:
+        stop.touch()
     for p in readers:
         assert p.wait(timeout=60) == 0
     assert store.query("SELECT count(*) FROM job_events WHERE job_id = 7") == [(20,)]
