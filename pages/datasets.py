@@ -2,14 +2,33 @@
 import streamlit as st
 
 from core import jobs
+from core.cli.doctor import save_record
 from core.data import catalog, sources
 from core.embed import embeddings
 from core.embed.backbones import DEFAULT_BACKBONE
+from core.embed.timm_models import BackboneUnavailable
 from pages import widgets
 
 widgets.route_through_app()
 
 st.title("Datasets")
+
+
+def added(name: str) -> None:
+    """A dataset was registered: record it (`<cache>/datasets.json`, what `redex doctor --repair` rebuilds
+    from), scan it in the background and select it."""
+    save_record()
+    jobs.launch("scan", name)
+    st.session_state["dataset"] = name
+    st.rerun()
+
+
+report = st.session_state.pop("removed_report", None)
+if report:
+    st.success(report["text"])
+    if report["files"]:
+        st.caption("Deleted from the cache:")
+        st.code("\n".join(report["files"]), language=None)
 
 with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
     demo, own = st.tabs(["Fashion-MNIST demo", "Your images"])
@@ -19,11 +38,10 @@ with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
         if st.button("Load the Fashion-MNIST demo", type="primary"):
             try:
                 name = sources.register(sources.FASHION_MNIST, limit=int(limit) or None)
-                jobs.launch("scan", name)
-                st.session_state["dataset"] = name
-                st.rerun()
-            except catalog.DatasetError as exc:
-                st.error(str(exc))
+            except (ValueError, OSError) as exc:
+                st.error(widgets.md_text(exc))
+            else:
+                added(name)
     with own:
         st.write("An image folder (`root/<class>/<image>`, optionally under `train/`, `val/`, `test/`), "
                  "or a CSV/Parquet manifest with columns `path,label[,split]`.")
@@ -33,12 +51,13 @@ with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
                                key="source_size")
         if st.button("Add and scan", disabled=not path):
             try:
+                # Refused at once (nothing recorded) when the name breaks the rule or no sampled file is an
+                # image (e.g. /etc); the message names the path, so it is shown escaped.
                 name = sources.register(path, name or None, image_size=int(size) or None)
-                jobs.launch("scan", name)
-                st.session_state["dataset"] = name
-                st.rerun()
-            except catalog.DatasetError as exc:
-                st.error(str(exc))
+            except (ValueError, OSError) as exc:
+                st.error(widgets.md_text(exc))
+            else:
+                added(name)
 
 
 def active_jobs(name: str) -> None:
@@ -65,10 +84,43 @@ def active_jobs(name: str) -> None:
 registered = catalog.list_datasets()
 if registered.empty:
     st.stop()
-names = list(registered.name)
-current = st.session_state.get("dataset")
-name = st.selectbox("Dataset", names, index=names.index(current) if current in names else 0)
-st.session_state["dataset"] = name
+name = widgets.dataset_picker(scanned_only=False)  # every registered dataset; ?dataset= in the URL
+
+
+def remove_panel(name: str) -> None:
+    """Remove the dataset and everything derived from it, after a confirmation; never its source files."""
+    if st.session_state.get("confirm_remove") != name:
+        if st.button("Remove this dataset...", key="remove_dataset"):
+            st.session_state["confirm_remove"] = name
+            st.rerun()
+        return
+    ds = catalog.get_dataset(name)
+    st.warning(f"Remove the dataset {widgets.md_text(name)} and everything derived from it (pixel cache,"
+               " embeddings, merge trees, training runs, models, finished jobs)? Its source files are kept:")
+    st.code(str(ds["source"]), language=None)
+    yes, no = st.columns(2)
+    if yes.button("Yes, remove it and everything derived from it (not its source files)", type="primary",
+                  key="remove_confirm"):
+        st.session_state.pop("confirm_remove", None)
+        try:
+            removed = sources.remove_dataset(name)  # refused while one of its jobs is queued or running
+        except (ValueError, OSError) as exc:
+            st.error(widgets.md_text(exc))
+            return
+        save_record()
+        rows = ", ".join(f"{table} {n:,}" for table, n in sorted(removed["tables"].items()))
+        st.session_state["removed_report"] = {
+            "text": widgets.md_text(f"Removed dataset {name}; rows deleted: {rows or 'none'}."
+                                    f" Its source {ds['source']} was not touched."),
+            "files": removed["files"]}
+        widgets.forget_dataset(name)
+        st.rerun()
+    if no.button("Cancel", key="remove_cancel"):
+        st.session_state.pop("confirm_remove", None)
+        st.rerun()
+
+
+remove_panel(name)
 active_jobs(name)
 
 ds = catalog.get_dataset(name)
@@ -84,6 +136,8 @@ c1.metric("Images", f"{int(counts.total.sum()):,}")
 c2.metric("Classes", len(counts))
 c3.metric("Skipped files", skipped)
 c4.metric("Working size", f"{ds['image_size']}px × {ds['channels']}")
+st.caption("Source:")
+st.code(str(ds["source"]), language=None)
 
 left, right = st.columns([2, 3])
 with left:
@@ -121,5 +175,10 @@ with st.form("embed"):
     checkpoint = st.text_input("Checkpoint file (timm backbones, optional)")
     if st.form_submit_button("Embed all images", type="primary"):
         params = {"backbone": spec, "epochs": int(epochs) or None, "checkpoint": checkpoint or None}
-        jobs.launch("embed", name, {k: v for k, v in params.items() if v})
-        st.rerun()
+        try:  # a bad spec or checkpoint is refused here, before a job exists (the CLI does the same)
+            params = embeddings.check_embed_params(name, {k: v for k, v in params.items() if v})
+        except (ValueError, OSError, BackboneUnavailable) as exc:
+            st.error(widgets.md_text(exc))
+        else:
+            jobs.launch("embed", name, params)
+            st.rerun()

@@ -53,6 +53,7 @@ widgets.image_grid(pixels, rows[:96], [labels[r] for r in rows[:96]])
 focus = rows[0] if len(rows) == 1 else st.selectbox("Nearest neighbours of", rows[:96],
                                                      format_func=lambda r: f"{by_row.path[position[r]]}")
 idx, dist = projection.nearest_neighbours(emb, position[focus], k=12)
-st.subheader(f"Nearest neighbours of {by_row.path[position[focus]]} ({labels[focus]})")
+st.subheader(f"Nearest neighbours of {widgets.md_text(by_row.path[position[focus]])}"
+             f" ({widgets.md_text(labels[focus])})")
 neighbour_rows = by_row.row.to_numpy()[idx]
 widgets.image_grid(pixels, neighbour_rows, [f"{labels[r]} · {d:.3f}" for r, d in zip(neighbour_rows, dist)])

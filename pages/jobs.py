@@ -38,7 +38,7 @@ def job_table(rows: list[dict]) -> None:
         job = next(j for j in rows if j["id"] == chosen)
         widgets.job_status(job)
         if job["error"]:
-            st.error(job["error"])
+            st.error(widgets.md_text(job["error"]))  # it may name a dataset, a path or a label
         st.caption("Parameters")
         st.json(job["params"] or {}, expanded=False)
         if job["result"]:

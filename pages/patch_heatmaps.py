@@ -28,7 +28,8 @@ if rankers.empty:
     st.info("No patch ranker for this dataset yet. Training one takes a few minutes on a CPU: an MAE learns to"
             " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
             " patches the MAE's reconstruction depends on most (LTRP, Luo et al. 2024), and every image is"
-            f" scored. Command line: `redex ltrp train {name}` (`--checkpoint` takes a pretrained MAE).")
+            " scored. Command line (`--checkpoint` takes a pretrained MAE):")
+    st.code(f"redex ltrp train {name}", language=None)
     with st.expander("Settings"):
         a, b, c = st.columns(3)
         mae_epochs = a.number_input("MAE epochs", 1, 200, ltrp_models.LtrpSettings.mae_epochs, key="ltrp_mae_epochs")
@@ -103,7 +104,7 @@ def heat_figure(view: ltrp_view.PatchView) -> go.Figure:
 def thumbnails(images: list[np.ndarray], captions: list[str], columns: int = 8) -> None:
     cols = st.columns(columns)
     for i, (img, caption) in enumerate(zip(images, captions)):
-        cols[i % columns].image(widgets.upscale(img), caption=caption)
+        cols[i % columns].image(widgets.upscale(img), caption=widgets.md_text(caption))  # captions are Markdown
 
 
 def pick_one() -> ltrp_view.ImageRef:
@@ -124,7 +125,7 @@ def pick_one() -> ltrp_view.ImageRef:
         try:
             return ltrp_view.resolve_image(name, ref)
         except catalog.DatasetError as exc:
-            st.error(str(exc))
+            st.error(widgets.md_text(exc))
             st.stop()
     elif how == "random":
         if st.button("Another random image"):
@@ -142,9 +143,9 @@ if mode == "One image":
     view = ltrp_view.patch_view(mae, image.pixels, scores, keep_ratio)
     m1, m2, m3 = st.columns(3)
     m1.metric("Kept patches", f"{len(view.keep)} / {view.scores.size}")
-    m2.metric("Class", image.label or "—")
+    m2.metric("Class", widgets.md_text(image.label) if image.label else "—")  # a metric's value is Markdown
     m3.metric("Score map", "stored" if stored else "computed now")
-    st.caption(f"{image.path} · content id `{image.image_id}`")
+    st.caption(f"{widgets.md_text(image.path)} · content id {widgets.md_text(image.image_id)}")
     left, right = st.columns([3, 4])
     with left:
         st.plotly_chart(heat_figure(view), key="heatmap")
@@ -161,13 +162,14 @@ elif mode == "Class grid":
     label = a.selectbox("Class", sorted(table.label.unique()), key="grid_class")
     count = b.slider("Images", 4, 64, 24, 4, key="grid_count")
     shown, maps = scoring.load_scores(name, rid, label=label)
-    st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {label}, each under its"
+    st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {widgets.md_text(label)},"
+               " each under its"
                " score map (brighter = more informative).")
     shown, maps = shown.head(count), maps[:count]
     originals = ltrp_view.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
     thumbnails([ltrp_view.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
 else:
-    st.subheader(group.get("title", "Redundant group"))
+    st.subheader(widgets.md_text(group.get("title", "Redundant group")))  # it holds the group's label
     st.caption("The group's images side by side (from the Redundant groups page): score maps, then the patches"
                f" kept at {keep_ratio:.2f}.")
     refs = ltrp_view.images_at(name, group["rows"])

@@ -82,7 +82,7 @@ with st.expander("New sweep", expanded=all_runs.empty):
             st.toast(f"sweep {sweep_id} started (job {job_id})")
             st.rerun()
     except (plan.SubsetTrainingError, ValueError) as exc:
-        st.error(str(exc))
+        st.error(widgets.md_text(exc))
 
 
 def live_runs() -> None:
@@ -102,7 +102,7 @@ def live_runs() -> None:
             sweep_id = (sweep["params"] or {}).get("sweep_id")
             c1, c2 = st.columns([5, 1])
             info = jobs.describe(sweep)
-            c1.progress(info["fraction"] or 0.0, text=f"sweep {sweep_id} · {info['text']}")
+            c1.progress(info["fraction"] or 0.0, text=widgets.md_text(f"sweep {sweep_id} · {info['text']}"))
             if c2.button("Cancel sweep", key=f"cancel-sweep-{sweep_id}"):
                 sweeps.cancel_sweep(sweep_id)
                 st.rerun(scope="app")

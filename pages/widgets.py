@@ -24,21 +24,37 @@ def route_through_app() -> None:
         st.rerun()
 
 
-def dataset_picker(key: str = "dataset_picker") -> str | None:
-    """A select box of scanned datasets; remembers the choice across pages."""
+def dataset_picker(key: str = "dataset_picker", *, scanned_only: bool = True) -> str | None:
+    """A select box of datasets (those with images, or every registered one); remembers the choice
+    across pages (the session) and across reloads and shared links (the URL's ?dataset=). A choice whose
+    dataset is gone (removed) falls back to the first one, and the URL says so."""
     df = catalog.list_datasets()
-    names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []
+    if scanned_only:
+        names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []
+    else:
+        names = list(df.name)
     if not names:
         st.info("No dataset yet. Add one on the **Datasets** page (one click loads the Fashion-MNIST demo).")
         return None
-    # The choice survives page changes (session) and reloads and shared links (the URL's ?dataset=).
     current = st.session_state.get("dataset") or st.query_params.get("dataset")
+    if current not in names:
+        current = st.query_params.get("dataset")
     index = names.index(current) if current in names else 0
-    name = st.selectbox("Dataset", names, index=index, key=key)
+    if key in st.session_state and st.session_state[key] not in names:  # a removed dataset's name
+        del st.session_state[key]
+    name = st.selectbox("Dataset", names, index=index, key=key)  # options are shown as plain text
     st.session_state["dataset"] = name
     if st.query_params.get("dataset") != name:
         st.query_params["dataset"] = name
     return name
+
+
+def forget_dataset(name: str) -> None:
+    """After `name` was removed: it is no longer the selected dataset, in the session or the URL."""
+    if st.session_state.get("dataset") == name:
+        st.session_state.pop("dataset", None)
+    if st.query_params.get("dataset") == name:
+        del st.query_params["dataset"]
 
 
 def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
@@ -67,7 +83,7 @@ def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None 
         img = np.asarray(pixels[row])
         with cols[i % columns]:
             st.image(outlined(img) if highlight and row in highlight else upscale(img),
-                     caption=captions[i] if captions else None)
+                     caption=md_text(captions[i]) if captions else None)  # captions are Markdown
 
 
 def job_status(job: dict) -> None:
@@ -75,7 +91,7 @@ def job_status(job: dict) -> None:
 
     A queued job's line says what it waits for (e.g. 'waiting for: job 12 (train, run 3 of sweep 2 ...)')."""
     info = jobs.describe(job)
-    label = f"#{job['id']} {job['kind']} · {info['text']}"
+    label = md_text(f"#{job['id']} {job['kind']} · {info['text']}")  # may hold names and paths
     if job["status"] in jobs.ACTIVE:
         st.progress(info["fraction"] or 0.0, text=label)
         if st.button("Cancel", key=f"cancel-{job['id']}"):
