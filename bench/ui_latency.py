@@ -78,9 +78,15 @@ def start_server(root: Path, cache: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the Streamlit server did not start")
 
 
-def wait_idle(page, timeout_ms: int = 120_000) -> None:
-    page.wait_for_function("() => document.querySelector('[data-testid=stApp]')"
-                           "?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout_ms)
+def wait_idle(page, timeout_ms: int = 120_000, quiet_ms: int = 300) -> None:
+    """Until the script state has been notRunning for `quiet_ms` (a page may rerun itself at once)."""
+    page.wait_for_function("""quiet => {
+        const idle = document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state') === 'notRunning';
+        const now = performance.now();
+        if (!idle) { window.__idleSince = null; return false; }
+        window.__idleSince = window.__idleSince ?? now;
+        return now - window.__idleSince >= quiet;
+    }""", arg=quiet_ms, timeout=timeout_ms, polling=50)
 
 
 def measure(page, target: tuple[str, str | None], act, timeout_ms: int = 60_000) -> tuple[float, float] | None:
@@ -105,7 +111,8 @@ def open_page(page, url: str, path: str, ready: str) -> float:
 
 
 def slider_moves(page, key: str, target, moves: int) -> list:
-    thumb = page.locator(f".st-key-{key} [role=slider]").first
+    thumb = page.locator(f".st-key-{key}").get_by_role("slider").first
+    thumb.wait_for(timeout=300_000)
     thumb.focus()
     out = []
     for i in range(moves):
@@ -116,11 +123,11 @@ def slider_moves(page, key: str, target, moves: int) -> list:
 
 
 def select_moves(page, key: str, target, moves: int) -> list:
-    box = page.locator(f".st-key-{key} [data-baseweb=select]").first
+    box = page.locator(f".st-key-{key}").get_by_role("combobox").first
     out = []
     for i in range(moves):
         box.click()
-        options = page.locator("[role=option]")
+        options = page.get_by_role("option")
         options.first.wait_for()
         n = options.count()
         choice = options.nth(1 + i % max(1, n - 1))
@@ -196,16 +203,23 @@ def main() -> None:
             where = f"redundant_groups?dataset={args.dataset}"
             results["first_load_ms"] = open_page(page, url, where, "[data-testid=stMetric]")
             results["second_load_ms"] = open_page(page, url, where, "[data-testid=stMetric]")
-            if "fraction" in widgets:
-                results["fraction"] = stats(slider_moves(page, "fraction", metric, args.moves))
-            if "class" in widgets:
-                results["class"] = stats(select_moves(page, "group_class", image, args.moves))
-            if "page" in widgets:
-                results["page"] = stats(step_moves(page, "group_page", image, args.moves))
-            if "threshold" in widgets:
+            def run(widget, fn):
+                if widget not in widgets:
+                    return
+                try:
+                    results[widget] = stats(fn())
+                except Exception as exc:  # noqa: BLE001 - report it, measure the other widgets
+                    results[widget] = {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+
+            run("fraction", lambda: slider_moves(page, "fraction", metric, args.moves))
+            run("class", lambda: select_moves(page, "group_class", image, args.moves))
+            run("page", lambda: step_moves(page, "group_page", image, args.moves))
+
+            def threshold_moves():
                 page.locator(".st-key-cut_mode label").filter(has_text="threshold").click()
                 wait_idle(page)
-                results["threshold"] = stats(slider_moves(page, "threshold", metric, args.moves))
+                return slider_moves(page, "threshold", metric, args.moves)
+            run("threshold", threshold_moves)
             if "keep_ratio" in widgets:
                 try:
                     open_page(page, url, f"patch_heatmaps?dataset={args.dataset}", ".st-key-keep_ratio")

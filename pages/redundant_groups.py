@@ -69,9 +69,10 @@ def pixel_cache(name: str, version: str) -> np.ndarray:
     return catalog.load_pixels(name)
 
 
-@st.cache_data(max_entries=64, ttl=30, show_spinner=False)
-def evidence(name: str, fraction: float, bid: str) -> str | None:
-    return results.evidence(name, fraction, bid)
+@st.cache_data(max_entries=4, ttl=30, show_spinner=False)
+def run_summary(name: str):
+    """Finished training runs by (method, fraction): read with the page, not on each slider move."""
+    return results.summary(results.runs(name, refresh=False))
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -111,7 +112,7 @@ def cut_panel() -> None:
     m2.metric("Removed as redundant", f"{n_all - n_kept:,}")
     m3.metric("Kept fraction", f"{n_kept / max(n_all, 1):.1%}")
     if mode == "fraction":
-        said = evidence(name, fraction, bid)
+        said = results.evidence_from(run_summary(name), fraction, bid)
         st.caption(f"**Evidence:** {said}" if said else
                    f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset"
                    " against random subsets and the full set.")

@@ -126,8 +126,13 @@ def with_top1_text(table: pd.DataFrame) -> pd.DataFrame:
 
 def evidence(name: str, fraction: float, backbone_id: str | None = None, store: Store | None = None) -> str | None:
     """The best evidence so far for the subset at `fraction`, e.g.
-    '0.9 semantic: 91.2 ± 0.2 vs random 90.8 ± 0.3 vs full 91.3 ± 0.1 (top-1 %, 3 seeds)'; None if no run."""
-    s = summary(runs(name, store, refresh=False))
+    '0.9 semantic: 91.2 ± 0.2 vs random 90.8 ± 0.3 vs full 91.3 ± 0.1 (test top-1 %, up to 3 seeds)'; None if
+    no run."""
+    return evidence_from(summary(runs(name, store, refresh=False)), fraction, backbone_id)
+
+
+def evidence_from(s: pd.DataFrame, fraction: float, backbone_id: str | None = None) -> str | None:
+    """`evidence` from a `summary` table already read (a page reads it once, then moves a slider)."""
     if s.empty:
         return None
     near = s[np.isclose(s.fraction, fraction, atol=0.005)]
