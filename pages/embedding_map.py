@@ -32,6 +32,7 @@ if proj is None:
     widgets.watch_jobs(name, [("project", {"backbone_id": bid}, "map_waiting")])
     st.stop()
 
+proj = proj.assign(label=widgets.chart_text(proj.label), path=widgets.chart_text(proj.path))
 fig = px.scatter(proj, x="x", y="y", color="label", hover_data=["path", "split"], custom_data=["row"],
                  render_mode="webgl", height=620)
 fig.update_traces(marker={"size": 4 if len(proj) > 5000 else 7})

@@ -182,6 +182,7 @@ def map_section(settings: dict, rule: str) -> None:
     frame = subset_frame(name, bid, linkage, version, settings, rule)
     shown = proj.merge(frame[["path", "kept"]], on="path")
     shown["status"] = np.where(shown.kept, "kept", "removed")
+    shown = shown.assign(label=widgets.chart_text(shown.label), path=widgets.chart_text(shown.path))
     fig = px.scatter(shown, x="x", y="y", color="status", hover_data=["path", "label"], render_mode="webgl",
                      color_discrete_map={"kept": "#1f77b4", "removed": "#d62728"}, height=560)
     fig.update_traces(marker={"size": 4 if len(shown) > 5000 else 6})

@@ -186,6 +186,7 @@ else:
                                               f"{100 * r.test_top1:.2f} %")(choices[choices.run_key == k].iloc[0]))
     deltas = results.per_class_deltas(name, key)
     if "delta" in deltas:
+        deltas = deltas.assign(label=widgets.chart_text(deltas.label))
         fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
                      color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})
         fig.update_layout(showlegend=False, height=360)

@@ -204,3 +204,13 @@ def mosaic(pixels: np.ndarray, rows, *, kept=None, columns: int = 12, tile: int 
         y, x = (i // columns) * (tile + gap), (i % columns) * (tile + gap)
         sheet[y:y + thumb.shape[0], x:x + thumb.shape[1]] = thumb
     return sheet
+
+
+def chart_text(values):
+    """User text for Plotly (legends, hover labels, axis ticks): Plotly renders a few HTML tags there
+    (links, bold, line breaks), so `<` and `>` become entities and the text shows as written."""
+    import pandas as pd
+
+    text = pd.Series(values).astype(str)
+    return text.str.replace("&", "&amp;", regex=False).str.replace("<", "&lt;", regex=False).str.replace(
+        ">", "&gt;", regex=False).to_numpy()
