@@ -73,18 +73,8 @@ class Store:
         if con is not None:
             yield con
             return
-        with self._locked(fcntl.LOCK_SH):
-            con = _connect(self.path, read_only=True)
-            self._local.con = con
-            try:
-                yield con
-            except duckdb.Error as exc:
-                if _is_corrupt(exc):
-                    raise StoreCorrupt(self.path, str(exc)) from None
-                raise
-            finally:
-                self._local.con = None
-                con.close()
+        with self._connection(read_only=True) as con:
+            yield con
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -95,16 +85,26 @@ class Store:
                 raise RuntimeError("store.write() inside store.read(): open the write first")
             yield con
             return
-        with self._locked(fcntl.LOCK_EX):
-            con = _connect(self.path, read_only=False)
-            self._local.con = con
+        with self._connection(read_only=False) as con:
             try:
                 con.begin()
                 yield con
                 con.commit()
-            except BaseException as exc:
+            except BaseException:
                 with contextlib.suppress(Exception):
                     con.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """This thread's connection under the store lock, closed after; a damaged file raises
+        `StoreCorrupt` (naming the file and the fix) instead of DuckDB's error."""
+        with self._locked(fcntl.LOCK_SH if read_only else fcntl.LOCK_EX):
+            con = _connect(self.path, read_only=read_only)
+            self._local.con = con
+            try:
+                yield con
+            except BaseException as exc:
                 if _is_corrupt(exc):
                     raise StoreCorrupt(self.path, str(exc)) from None
                 raise
