@@ -17,6 +17,7 @@ from core.ltrp import models as ltrp_models
 from core.ltrp import scoring
 from core.ltrp import view as ltrp_view
 from core.ltrp.mae import MAEConfig, MaskedAutoencoder
+from pages.widgets import md_text
 from tests.conftest import run_page
 
 TINY = {"mae_epochs": 1, "ranker_epochs": 1, "mae_batch": 64, "ranker_batch": 64,
@@ -251,7 +252,7 @@ def test_page_heatmap_slider_grid_and_group(store, scored):
     assert any("no image 'nope'" in e.value for e in at.error)
     path = catalog.images_table(name, store).path[40]
     at.text_input(key="heat_ref").set_value(path).run()
-    assert not at.exception and path in at.caption[0].value
+    assert not at.exception and md_text(path) in at.caption[0].value  # shown as text: Markdown escaped
 
     at.radio(key="heat_mode").set_value("Class grid").run()
     at.slider(key="grid_count").set_value(8).run()
