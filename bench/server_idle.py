@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.app_server import start_server  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # URL path and page title of each idle page opened (the Datasets page is the default one: "/").
@@ -41,7 +42,6 @@ PAGES = {"datasets": ("", "Datasets"), "training": ("training", "Training"), "jo
 def build_cache(cache: Path, limit: int) -> str:
     """Fashion-MNIST (the first `limit` images of each split) scanned and embedded by the real jobs."""
     os.environ["REDEX_CACHE"] = str(cache)
-    sys.path.insert(0, str(ROOT))
     from core import jobs
     from core.data import sources
     from core.store.db import get_store
@@ -53,33 +53,6 @@ def build_cache(cache: Path, limit: int) -> str:
         if job["status"] != "done":
             raise SystemExit(f"{kind} job {job['id']} {job['status']}: {job.get('error')}")
     return name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(code_root: Path, cache: Path, watcher: str = "none") -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, REDEX_CACHE=str(cache), PYTHONPATH=str(code_root))
-    proc = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "streamlit"), "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", watcher],
-        cwd=code_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit(f"streamlit ({code_root}) did not start")
-            time.sleep(0.3)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,7 +75,7 @@ def measure(label: str, code_root: Path, cache: Path, pages: list[str], seconds:
             watcher: str) -> dict:
     from playwright.sync_api import sync_playwright
 
-    proc, url = start_server(code_root, cache, watcher)
+    proc, url = start_server(cache, code_root=code_root, watcher=watcher)
     sent = [0]
     try:
         with sync_playwright() as p:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.app_server import start_server, stop_server  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -51,31 +50,6 @@ WATCH_JS = """([selector, attr]) => {
   window.__m = m;
   return m.prev;
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, cache: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, REDEX_CACHE=str(cache), PYTHONPATH=str(root))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port",
-         str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the Streamlit server did not start")
 
 
 def wait_idle(page, timeout_ms: int = 120_000, quiet_ms: int = 300) -> None:
@@ -191,7 +165,7 @@ def main() -> None:
 
     widgets = args.widgets.split(",")
     load_before = os.getloadavg()
-    proc, url = start_server(args.root, args.cache)
+    proc, url = start_server(args.cache, code_root=args.root)
     results: dict = {"root": str(args.root), "dataset": args.dataset}
     metric = ("[data-testid=stMetric]", None)
     image = ("[data-testid=stImage] img", "src")
@@ -228,8 +202,7 @@ def main() -> None:
                     results["keep_ratio"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
     results["cut"] = cut_time(args.cache, args.dataset)
     results["load"] = {"before": load_before, "after": os.getloadavg()}
     report(results)

@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +13,7 @@ from PIL import Image
 from core import config
 from core.data.idx import load_fashion_mnist
 from core.store import db
+from tests.app_server import free_port, start_server, stop_server  # noqa: F401  (tests import them from here)
 
 
 @pytest.fixture
@@ -129,38 +125,6 @@ def embedded_demo(cache: Path, monkeypatch, limit: int = 100):
     model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
     embeddings.embed_dataset(name, model, bid, store=store)
     return store, name, bid
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
-    """`streamlit run app.py` on a free loopback port with REDEX_CACHE=cache; returns (process, url)."""
-    port = free_port()
-    env = dict(os.environ, REDEX_CACHE=str(cache))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"streamlit did not start (exit code {proc.poll()})")
-            time.sleep(0.3)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 @pytest.fixture
