@@ -78,14 +78,39 @@ class Decoded:
 
 def decode(data: bytes, size: int, channels: int) -> Decoded:
     """Validate and decode one file's bytes. Raises `BadImage` with a user-facing reason."""
+    image_id = hashlib.blake2b(data, digest_size=16).hexdigest() if data else ""
+    im = _open(data)
+    mode, (w, h) = im.mode, im.size
+    im, note = _normalise_mode(im)
+    arr = np.asarray(im)
+    pixel_hash = hashlib.blake2b(arr.tobytes() + str(arr.shape).encode(), digest_size=16).hexdigest()
+    return Decoded(image_id, pixel_hash, _to_working(im, size, channels), w, h, mode, note)
+
+
+def open_image(path: Path) -> Image.Image:
+    """One source file as a full-resolution 8-bit L or RGB image, upright (EXIF orientation applied).
+
+    The same checks as a scan (regular file, size limit, decompression bomb); raises `BadImage`.
+    This is what consumers that read at their own resolution (pretrained backbones, LTRP at the
+    MAE's size, display thumbnails) start from.
+    """
+    im = _open(read_file(Path(path)))
+    try:
+        im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        pass  # an unreadable EXIF block leaves the image as stored
+    return _normalise_mode(im)[0]
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open and fully load image bytes, refusing empty data, unknown formats, bombs and corrupt data."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    image_id = hashlib.blake2b(data, digest_size=16).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
-            mode, (w, h) = im.mode, im.size
+            w, h = im.size
             if w * h > MAX_PIXELS:
                 raise BadImage(f"decompression bomb: {w}x{h} = {w * h:,} pixels (limit {MAX_PIXELS:,};"
                                " REDEX_MAX_PIXELS raises it)")
@@ -98,10 +123,7 @@ def decode(data: bytes, size: int, channels: int) -> Decoded:
             raise BadImage("not an image (format not recognised)") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"truncated or corrupt image data: {exc}") from None
-    im, note = _normalise_mode(im)
-    arr = np.asarray(im)
-    pixel_hash = hashlib.blake2b(arr.tobytes() + str(arr.shape).encode(), digest_size=16).hexdigest()
-    return Decoded(image_id, pixel_hash, _to_working(im, size, channels), w, h, mode, note)
+    return im
 
 
 class BadImage(Exception):
