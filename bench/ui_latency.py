@@ -12,6 +12,11 @@ function's time (the floor of the slider's latency), with the machine's load.
 The server is started from `--root` (default: this checkout) on a free port with REDEX_CACHE=--cache,
 and stopped at the end. The dataset must be embedded and its merge trees built (the page's expensive
 inputs); the Patch heatmaps widget needs a ranker (`redex ltrp train`), else it is skipped.
+`--prepare-ltrp` first builds such a cache in `--cache`: the Fashion-MNIST demo (`--limit` images per
+split), a one-epoch backbone, its trees, a tiny LTRP ranker and every image's score map (a few minutes):
+
+    .venv/bin/python bench/ui_latency.py --cache /tmp/ltrp-demo --dataset fashion-mnist --prepare-ltrp \
+        --widgets keep_ratio
 """
 from __future__ import annotations
 
@@ -152,6 +157,32 @@ def cut_time(cache: Path, dataset: str) -> dict:
             "select_subset_s": median_s(lambda f: clusterings.subset(c, fraction=f), n=5)}
 
 
+def prepare_ltrp(cache: Path, limit: int) -> None:
+    """The Fashion-MNIST demo in `cache`, embedded, clustered, with a tiny ranker and its score maps."""
+    os.environ["REDEX_CACHE"] = str(cache)
+    import torch
+
+    from core.data import scan, sources
+    from core.embed import embeddings
+    from core.embed.backbones import DEFAULT_BACKBONE
+    from core.ltrp import models, scoring
+    from core.redundancy import clusterings
+    from core.store import db
+    from tests.test_patches import TINY
+
+    torch.set_num_threads(1)
+    store = db.get_store()
+    name = sources.register("fashion-mnist", limit=limit, store=store)
+    scan.scan(name, store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=1, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    clusterings.cluster(name, bid, store=store)
+    clusterings.open_clustering(name, bid, store=store)  # the snapshot, as the cluster job writes it
+    rid = models.train_ltrp(name, models.LtrpSettings(**TINY), store=store)["ranker_id"]
+    scoring.score_dataset(name, rid, store=store)
+    db._stores.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, type=Path)
@@ -160,10 +191,14 @@ def main() -> None:
     ap.add_argument("--moves", type=int, default=20)
     ap.add_argument("--widgets", default="fraction,threshold,class,page,keep_ratio")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--prepare-ltrp", action="store_true", help="first build the demo with a ranker in --cache")
+    ap.add_argument("--limit", type=int, default=300, help="--prepare-ltrp: images per split")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
     widgets = args.widgets.split(",")
+    if args.prepare_ltrp:
+        prepare_ltrp(args.cache, args.limit)
     load_before = os.getloadavg()
     proc, url = start_server(args.cache, code_root=args.root)
     results: dict = {"root": str(args.root), "dataset": args.dataset}

@@ -11,10 +11,9 @@ import plotly.express as px
 import streamlit as st
 
 from core import jobs
-from core.data import catalog
+from core.data.catalog import get_dataset
 from core.embed import projection
 from core.redundancy import clusterings, export, review
-from core.redundancy.index import CutIndex
 from core.redundancy.trees import LINKAGES
 from core.subsets import results
 from pages import widgets
@@ -38,16 +37,29 @@ with c1:
 linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage",
                        help="complete (default): every pair inside a group is similar. The paper's linkage is"
                             " not stated; average and single are offered too.")
-version = clusterings.state_version(name, bid, linkage)
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
-def tree_status(name: str, bid: str, linkage: str, version: str) -> dict:
-    return clusterings.tree_status(name, bid, linkage)
+@st.cache_data(max_entries=32, ttl=60, show_spinner=False)
+def state_version(name: str, bid: str, linkage: str, generation: tuple) -> str:
+    return clusterings.state_version(name, bid, linkage)
 
 
-status = tree_status(name, bid, linkage, version)
-if status["stale"]:
+version = state_version(name, bid, linkage, widgets.store_generation())
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the merge trees...")
+def clustering(name: str, bid: str, linkage: str, version: str):
+    """The trees with their embeddings (a memory-mapped snapshot once written), the cut index over
+    them, and the image rows and labels by index. Raises ValueError (not cached) while a class has
+    no up-to-date tree."""
+    c = clusterings.open_clustering(name, bid, linkage, version)
+    return c, clusterings.cut_index(c), c.table.row.to_numpy(), c.table.label.to_numpy()
+
+
+try:
+    c, index, image_rows, image_labels = clustering(name, bid, linkage, version)
+except ValueError:
+    status = clusterings.tree_status(name, bid, linkage)
     st.write(f"{status['ready']} of {status['classes']} classes have an up-to-date {linkage}-linkage tree.")
     if st.button("Build the merge trees", type="primary"):
         jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage})
@@ -57,16 +69,10 @@ if status["stale"]:
     st.stop()
 
 
-@st.cache_resource(max_entries=3, show_spinner="Loading the merge trees...")
-def clustering(name: str, bid: str, linkage: str, version: str):
-    """The trees with their embeddings, the cut index over them, and the image rows by index."""
-    c = clusterings.load_clustering(name, bid, linkage)
-    return c, CutIndex.build(c.classes), c.table.row.to_numpy(), c.table.label.to_numpy()
-
-
 @st.cache_resource(max_entries=3, show_spinner=False)
-def pixel_cache(name: str, version: str) -> np.ndarray:
-    return catalog.load_pixels(name)
+def pixel_cache(name: str, version: str) -> widgets.Gallery:
+    """The images as shown: display thumbnails, else the pixel cache's rows."""
+    return widgets.Gallery(name, version)
 
 
 @st.cache_data(max_entries=4, ttl=30, show_spinner=False)
@@ -85,7 +91,6 @@ def conflicts(name: str, bid: str, version: str):
     return review.conflict_state(name, bid), review.label_conflicts(name, bid)
 
 
-c, index, image_rows, image_labels = clustering(name, bid, linkage, version)
 pixels = pixel_cache(name, version)
 
 
@@ -139,27 +144,41 @@ def groups_section(cut, rule: str) -> None:
     page = min(f2.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="group_page"), n_pages) - 1
     f3.caption(f"{len(largest):,} groups with 2 or more images, largest first. The image kept is first,"
                f" in a red frame: {REPRESENTATIVE_WORDS[rule]}.")
-    sizes = cut.group_sizes
-    for g in largest[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]:
-        members = cut.members(int(g))
-        kept = cut.representative(int(g), rule)
+    shown_groups = [int(g) for g in largest[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]]
+    if not shown_groups:
+        st.caption("No group of 2 or more images at this cut: every image is kept.")
+        return
+    # The page's groups as ONE image list (one element, captions as headings): each element costs the
+    # browser a re-render of the page while a rerun streams in, so a slider move sends 3 elements, not 24.
+    sizes, sheets, captions, heat = cut.group_sizes, [], [], {}
+    for g in shown_groups:
+        members = cut.members(g)
+        kept = cut.representative(g, rule)
         shown = [kept] + [m for m in members if m != kept][:SHOWN_PER_GROUP - 1]
         more = int(sizes[g]) - len(shown)
-        st.markdown(f"**Group {int(g):,}** · {widgets.md_text(image_labels[kept])} · {int(sizes[g]):,} images"
-                    + (f" (+{more:,} more not shown)" if more > 0 else ""))
-        st.image(widgets.mosaic(pixels, image_rows[shown], kept=int(image_rows[kept])))
-        if st.button("Patch heatmaps", key=f"heat-{g}", help="Open these images side by side on the"
-                     " Patch heatmaps page (the first 12)"):
-            st.session_state.update(heatmap_group={"dataset": name, "title": f"Group {int(g)} · {image_labels[kept]}",
-                                                   "rows": [int(r) for r in image_rows[shown[:12]]]},
-                                    heatmap_group_new=True)
-            st.switch_page("pages/patch_heatmaps.py")
+        title = f"Group {g} · {image_labels[kept]} · {int(sizes[g]):,} images"
+        captions.append(widgets.md_text(title + (f" (+{more:,} more not shown)" if more > 0 else "")))
+        sheets.append(widgets.sheet(pixels, image_rows[shown], kept=int(image_rows[kept])))  # cached per group
+        heat[g] = (title, [int(r) for r in image_rows[shown[:12]]])
+    st.image(sheets, caption=captions)
+    h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
+    g = h1.selectbox("Look inside a group", list(heat), key="heat_group_pick",
+                     format_func=lambda g: heat[g][0])  # a select box shows its options as plain text
+    if h2.button("Patch heatmaps", key="heat_open", help="Open the group's images side by side on the Patch"
+                 " heatmaps page (the first 12)"):
+        st.session_state.update(heatmap_group={"dataset": name, "title": heat[g][0], "rows": heat[g][1]},
+                                heatmap_group_new=True)
+        st.switch_page("pages/patch_heatmaps.py")
 
 
 def sizes_section(cut) -> None:
     sizes, counts = cut.size_histogram()
     fig = px.bar(x=sizes, y=counts, log_y=True, labels={"x": "group size (images)", "y": "groups"},
                  title="Number of groups by size")
+    # Whole numbers in one format: decades only on the log axis (Plotly's default labels the 2s and
+    # 5s between them too, which read as "5, 2, 100, 5, 2, 10"), whole sizes on the other.
+    fig.update_yaxes(dtick=1, tickformat=",d", minor={"showgrid": False})
+    fig.update_xaxes(tickformat=",d", dtick=max(1, int(np.ceil((int(sizes.max()) if len(sizes) else 1) / 12))))
     st.plotly_chart(fig, key="hist")
 
 
@@ -205,6 +224,7 @@ def review_section() -> None:
         if st.button("Search now", key="conflict_search"):
             jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage})
             st.session_state["trees_waiting"] = True
+            st.rerun(scope="app")  # the page (not this fragment) watches the job
         return
     if state["note"]:
         st.caption(state["note"])
@@ -242,8 +262,11 @@ def export_section(settings: dict, rule: str) -> None:
                 lambda which=which, fmt=fmt: export.export_bytes(
                     subset_frame(name, bid, linkage, version, settings, rule), which, fmt),
                 file_name=f"{name}-{which}-{how}-{linkage}.{fmt}", key=f"dl-{which}-{fmt}", on_click="ignore")
-    st.caption("Paths are relative to the dataset's folder. `redex export NAME --fraction F --imagefolder DIR`"
-               " writes the kept images as a folder tree.")
+    root = get_dataset(name)["root"]
+    st.caption(f"Paths are relative to the dataset's folder, {widgets.md_text(root)}. `redex export NAME"
+               " --fraction F --imagefolder DIR` writes the kept images as a folder tree.")
 
 
+if st.session_state.get("trees_waiting"):  # a label-conflict search started from the review section
+    widgets.watch_jobs(name, [("cluster", {"backbone_id": bid, "linkage": linkage}, "trees_waiting")])
 cut_panel()

@@ -33,6 +33,19 @@ def kept_metric(page):
 def test_group_heatmaps_and_keep_ratio_in_the_browser(server, ready, page, tmp_path):
     page.goto(server)
     page.get_by_role("link", name="Redundant groups").click()
+
+    # The duplicates section shows a table or "none": never Python source or Streamlit's help text
+    # (a bare `x if c else y` expression once printed the DeltaGenerator's docstring there).
+    page.locator(".st-key-groups_section").get_by_role("radio", name="Duplicates & label conflicts").click(
+        timeout=60_000)
+    page.get_by_role("heading", name="Near-identical images with different labels").wait_for(timeout=60_000)
+    main = page.locator('[data-testid="stMain"]')
+    after = main.inner_text().split("Exact duplicates", 1)[1].split("Near-identical images", 1)[0]
+    assert "none" in after.split() or main.locator('[data-testid="stDataFrame"]').count() >= 2, after
+    for leak in ("DeltaGenerator", "st.dataframe", "hide_index", "Parameters", "def "):
+        assert leak not in main.inner_text()
+    page.locator(".st-key-groups_section").get_by_role("radio", name="Groups", exact=True).click()
+
     page.get_by_role("button", name="Patch heatmaps").first.click(timeout=60_000)
 
     # The group opens side by side on the Patch heatmaps page: score maps, then kept patches.
