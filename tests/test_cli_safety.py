@@ -92,6 +92,19 @@ def test_imagefolder_pointing_at_a_file_is_one_line(scanned, subset_of_all, tmp_
     assert target.read_text() == "mine"
 
 
+# -- registering ---------------------------------------------------------------------------------
+def test_datasets_add_refuses_a_folder_of_empty_class_folders_in_one_line(store, tmp_path, capsys):
+    # Before: registered, recorded in datasets.json, and a scan job started that failed ("has no images").
+    folder = tmp_path / "photos"
+    for cls in ("cats", "dogs"):
+        (folder / cls).mkdir(parents=True)
+    assert main(["datasets", "add", str(folder), "--detach"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{folder}: its 2 class folder(s) hold no files" in line and "nothing was registered" in line
+    assert catalog.list_datasets(store).empty and not jobs.list_jobs(store)
+    assert not (config.cache_dir() / "datasets.json").exists()
+
+
 # -- a damaged store ---------------------------------------------------------------------------
 def test_a_corrupt_store_names_the_file_and_the_fix_and_doctor_repairs_it(scanned, store, cache):
     assert redex("datasets", "list").returncode == 0  # also writes the record doctor reads later
@@ -141,6 +154,109 @@ def test_doctor_lists_what_is_missing_with_the_command_that_rebuilds_it(scanned,
     out = capsys.readouterr().out
     assert f"pixel cache {pixels} is missing" in out and f"redex datasets add {scanned} --name demo" in out
     assert f"checkpoint {ckpt} is missing" in out and "redex embed demo --backbone trained:resnet8s2" in out
+
+
+def damage_blocks(path: Path, tables: list[str]) -> None:
+    """Overwrite a few bytes inside each storage block that holds `tables` (found with DuckDB's
+    `pragma_storage_info`): their checksums fail, as after a disk error; the other tables still read."""
+    import duckdb
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        block_size = con.execute("PRAGMA database_size").fetchone()[2]
+        blocks = {b for t in tables for (b,) in con.execute(
+            f"SELECT DISTINCT block_id FROM pragma_storage_info('{t}') WHERE block_id >= 0").fetchall()}
+    assert blocks, f"no storage block found for {tables}"
+    data = bytearray(path.read_bytes())
+    for block in blocks:
+        start = 3 * 4096 + block * block_size + 64  # after DuckDB's three 4 KiB headers
+        data[start:start + 64] = b"x" * 64
+    path.write_bytes(bytes(data))
+
+
+def test_repair_links_surviving_checkpoints_and_lists_what_to_recompute(scanned, store, cache, capsys, one_thread):
+    # Before: the repair registered the datasets again and nothing else ("embeddings, merge trees ... are
+    # rebuilt by running their commands again"): no command named what was lost (the first assertion on
+    # the output failed), and no backbone or ranker was known to the fresh store.
+    from core.embed import embeddings
+    from core.embed.backbones import DEFAULT_BACKBONE
+    from core.ltrp import models
+    from core.redundancy import clusterings
+    from core.store.db import to_json
+    from core.subsets import plan
+    from tests.test_patches import TINY
+
+    settings = models.LtrpSettings(**TINY, mask_ratio=0.5)  # 8 px images: 4 patches, of which 2 stay visible
+    model, bid = embeddings.ensure_backbone("demo", DEFAULT_BACKBONE, epochs=1, store=store)
+    embeddings.embed_dataset("demo", model, bid, store=store)
+    clusterings.cluster("demo", bid, store=store)
+    ids = models.train_ltrp("demo", settings, store=store)
+    grid = plan.SweepSpec(fractions=(0.5,), methods=("semantic",), seeds=1, recipe={"epochs": 1},
+                          selection={"backbone_id": bid, "linkage": "complete", "representative": "nearest_mean"})
+    store.execute("INSERT INTO sweeps (dataset, spec) VALUES ('demo', ?)", [to_json({"grid": grid.to_dict()})])
+    accuracy = embeddings.list_backbones("demo", store).accuracy.iloc[0]
+    assert main(["datasets", "list"]) == 0  # writes the record the repair falls back on
+    files = {p: p.stat().st_mtime_ns for p in (config.cache_dir() / "artifacts").rglob("*.pt")}
+    assert len(files) == 3  # the backbone, the MAE and the ranker
+    store.execute("CHECKPOINT")
+    db._stores.clear()
+    damage_blocks(config.db_path(), ["datasets", "embeddings"])  # the datasets come from the record
+    capsys.readouterr()
+
+    expected = [f"embeddings: `redex embed demo --backbone {DEFAULT_BACKBONE} --epochs 1`  (its checkpoint survives",
+                f"merge trees: `redex cluster demo --backbone-id '{bid}'`",
+                f"LTRP scores: `redex ltrp score demo --ranker-id '{ids['ranker_id']}'`  (its ranker and MAE survive",
+                (f"training runs: `redex sweep demo --fractions 0.5 --methods semantic --seeds 1 --epochs 1"
+                 f" --backbone-id '{bid}' --linkage complete --representative nearest_mean`")]
+    assert main(["doctor"]) == 1  # what --repair would do, and what would be left to run; nothing changes
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and all(line in out for line in expected), out
+    assert not list(cache.glob("redex.duckdb.corrupt-*"))
+
+    assert main(["doctor", "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "linked again 1 backbone and 2 LTRP checkpoint(s)" in out and all(line in out for line in expected), out
+    fresh = db.get_store()
+    assert list(models.list_rankers("demo", fresh).model_id) == [ids["ranker_id"]]  # before anything runs
+    (job,) = jobs.list_jobs(fresh)
+    assert jobs.wait(job["id"], fresh, timeout=300)["status"] == "done"
+    # The printed commands load the checkpoints: nothing is trained again (the files are not rewritten).
+    model, again = embeddings.ensure_backbone("demo", DEFAULT_BACKBONE, epochs=1, store=fresh)
+    embeddings.embed_dataset("demo", model, again, store=fresh)
+    assert models.train_ltrp("demo", settings, store=fresh) == ids
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    backs = embeddings.list_backbones("demo", fresh)
+    assert (list(backs.backbone_id), list(backs.embedded), backs.accuracy.iloc[0]) == ([bid], [6], accuracy)
+
+
+def test_doctor_marks_jobs_left_running_by_a_dead_process_failed(scanned, store, capsys):
+    # Before: `redex doctor` never looked at the jobs; the row stayed 'running' until a page or
+    # `redex jobs` happened to look.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
+    job = store.execute("INSERT INTO jobs (kind, dataset, params, status, pid, lane) VALUES"
+                        " ('embed', 'demo', '{}', 'running', ?, 'heavy') RETURNING id", [int(gone.stdout)])[0][0]
+    assert main(["doctor"]) == 0
+    assert f"job {job} (embed of 'demo') was left running by a process that is gone: marked failed" in \
+        capsys.readouterr().out
+    assert store.query("SELECT status FROM jobs WHERE id = ?", [job]) == [("failed",)]
+
+
+def test_repair_is_refused_while_a_job_process_uses_the_store(scanned, store, cache, capsys):
+    # Before: the store was moved aside under a running job, whose next write went to the fresh store
+    # (where its job id may belong to another job).
+    path = config.db_path()
+    db._stores.clear()
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "core.jobs", "7", str(path)])
+    try:
+        path.write_bytes(os.urandom(64 * 1024))
+        assert main(["doctor", "--repair"]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"job process(es) {job.pid} still use {path}" in line and "nothing was changed" in line
+        assert not list(cache.glob("redex.duckdb.corrupt-*"))
+    finally:
+        job.kill()
+        job.wait()
+        path.unlink()  # the garbage would fail the fixture's clean-up
 
 
 # -- checkpoints are checked before a job exists -----------------------------------------------

@@ -251,6 +251,54 @@ def test_10_a_folder_without_images_is_refused_before_any_dataset_exists(store, 
     assert sources.register(str(etc), "etc") == "etc"
 
 
+def test_10b_a_source_whose_class_folders_hold_no_files_is_refused_at_register(store, tmp_path):
+    # Before: `check_has_images` let a source with no file in any class folder through ("the scan says
+    # what layout it expected"), so each of these registered and only the scan said "has no images".
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hidden = tmp_path / "hidden"
+    (hidden / ".git").mkdir(parents=True)
+    (hidden / ".DS_Store").write_text("x")
+    classes = tmp_path / "classes"
+    for i in range(30):
+        (classes / f"class{i}").mkdir(parents=True)
+    (classes / "class3" / ".keep").write_text("")
+    (classes / "loose.png").write_bytes(tiny_png(0))  # not in a class folder: the scan ignores it
+    splits = tmp_path / "splits"
+    for split in ("train", "test"):
+        (splits / split / "a").mkdir(parents=True)
+    gone = write_manifest(tmp_path / "gone.csv", [(f"gone{i}.png", "a") for i in range(5)])
+    unusable = write_manifest(tmp_path / "unusable.csv", [("", "a"), ("x.png", "")])
+    header = tmp_path / "header.csv"
+    header.write_text("path,label\n")
+    for source, said, fix in [
+            (empty, "the folder is empty", "one folder per class"),
+            (hidden, "it has no class folder; 2 hidden entries", "one folder per class"),
+            (classes, "its 30 class folder(s) hold no files; 1 file(s) lie directly in it", "one folder per class"),
+            (splits, "its 2 class folder(s) hold no files", "one folder per class"),
+            (gone, "no image among 5 sampled rows of the manifest (5 file not found)", "check its path column"),
+            (unusable, "none of its 2 row(s) names a usable file (1 empty path, 1 empty label)", "one row per image"),
+            (header, "the manifest has a header but no rows", "one row per image")]:
+        with pytest.raises(catalog.DatasetError) as err:
+            sources.register(str(source), "x")
+        message = str(err.value)
+        assert message.startswith(f"{source}: {said}") and fix in message, message
+        assert message.endswith("nothing was registered") and "\n" not in message
+    # A folder whose own path is not UTF-8 (before: DuckDB's "Python Conversion Failure" when the row was written).
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    make_folder(latin1)
+    with pytest.raises(catalog.DatasetError, match=r"caf\\xe9: its path is not valid UTF-8 .* nothing was registered"):
+        sources.register(str(latin1), "x")
+    assert catalog.list_datasets(store).empty
+    # One class folder of images among more empty ones than the sample looks at still registers.
+    for i in range(sources.SAMPLE_FOLDERS + 50):
+        (classes / f"class{i:03d}").mkdir()
+    (classes / "zebra").mkdir()
+    (classes / "zebra" / "a.png").write_bytes(tiny_png(1))
+    assert sources.register(str(classes), "x") == "x"
+    assert scan.scan("x", store).images == 1
+
+
 # -- removing a dataset ------------------------------------------------------------------------
 def test_remove_dataset_deletes_everything_derived_and_never_the_sources(store, tmp_path):
     from core.store.db import to_json

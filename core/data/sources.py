@@ -35,7 +35,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "validation": "val", "test": "test", "testing": "test"}
 SAMPLE_FILES = 50          # files opened (header only) to tell a folder of images from anything else
 SAMPLE_PER_FOLDER = 20     # candidates taken from each class folder for that sample
-SAMPLE_FOLDERS = 200       # class folders looked at for it
+SAMPLE_FOLDERS = 200       # class folders holding files looked at for it (empty ones pass over)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,10 @@ def register(source: str, name: str | None = None, *, image_size: int | None = N
     else:
         path = Path(source).expanduser().resolve()
         if not path.exists():
-            raise DatasetError(f"no such file or folder: {source}")
+            raise DatasetError(f"no such file or folder: {paths.shown(source)}")
+        if paths.utf8_problem(str(path)):  # the store keeps paths as UTF-8 text
+            raise DatasetError(f"{paths.shown(path)}: its path is not valid UTF-8 (shown with its bytes escaped);"
+                               " rename it, or the folder above it, and add it again; nothing was registered")
         if path.is_dir():
             kind, root = "imagefolder", str(path)
         elif path.suffix.lower() in (".csv", ".parquet", ".pq"):
@@ -89,22 +92,28 @@ def register(source: str, name: str | None = None, *, image_size: int | None = N
 
 
 def check_has_images(ds: dict) -> None:
-    """Refuse a source whose sampled files are none of them an image (e.g. /etc), with the reason.
+    """Refuse, with the reason, a source that holds no image: no usable file at all (an empty folder,
+    only hidden files, class folders that are all empty, a manifest whose rows are all unusable), or
+    a sample of its files of which none is an image (e.g. /etc, a manifest whose files are all gone).
 
     Up to `SAMPLE_FILES` files are opened, header only (files with an image extension first), from
-    up to `SAMPLE_PER_FOLDER` per class folder (or spread over a manifest's rows). A source with no
-    files at all passes: the scan says what layout it expected.
+    up to `SAMPLE_PER_FOLDER` per class folder of the first `SAMPLE_FOLDERS` class folders that hold
+    any (empty class folders are passed over, however many), or spread over a manifest's rows.
     """
-    root = Path(ds["root"])
+    root, source = Path(ds["root"]), paths.shown(ds["source"])
     if ds["kind"] == "manifest":
-        entries = [e for e in _manifest_entries(Path(ds["source"])) if not e.problem]
+        rows = _manifest_entries(Path(ds["source"]))
+        entries = [e for e in rows if not e.problem]
+        if not entries:
+            raise DatasetError(f"{source}: {_no_usable_rows(rows)}; write one row per image (path,label[,split];"
+                               f" relative paths are read from {paths.shown(root)}); nothing was registered")
         candidates = entries[:: max(1, len(entries) // (SAMPLE_FILES * 4))]
     else:
-        candidates = [e for e in itertools.chain.from_iterable(
-            itertools.islice(files, SAMPLE_PER_FOLDER)
-            for files in itertools.islice(_folder_walk(root), SAMPLE_FOLDERS)) if not e.problem]
-    if not candidates:
-        return
+        candidates, unusable, class_dirs = _folder_sample(root)
+        if not candidates:
+            raise DatasetError(f"{source}: {_no_files_in_folder(root, class_dirs, unusable)}; put the images in"
+                               " one folder per class (<folder>/<class>/<image>, optionally under train/, val/,"
+                               " test/) or register a .csv/.parquet manifest; nothing was registered")
     extensions = Image.registered_extensions()
     candidates.sort(key=lambda e: Path(e.path).suffix.lower() not in extensions)  # stable: images first
     reasons: dict[str, int] = {}
@@ -119,11 +128,68 @@ def check_has_images(ds: dict) -> None:
             reason = "not an image"
         reasons[reason] = reasons.get(reason, 0) + 1
     tried = min(len(candidates), SAMPLE_FILES)
-    why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-    where = ("rows of the manifest" if ds["kind"] == "manifest"
-             else "files in its class folders (<root>/<class>/<image>)")
-    raise DatasetError(f"{ds['source']}: no image among {tried} sampled {where} ({why}); "
-                       "nothing was registered")
+    if ds["kind"] == "manifest":
+        where, fix = "rows of the manifest", f"check its path column (relative paths are read from {paths.shown(root)})"
+    else:
+        where, fix = "files in its class folders (<root>/<class>/<image>)", "point at a folder of images"
+    raise DatasetError(f"{source}: no image among {tried} sampled {where} ({_counted(reasons)}); {fix};"
+                       " nothing was registered")
+
+
+def _folder_sample(root: Path) -> tuple[list[Entry], dict[str, int], int]:
+    """For `check_has_images`: (usable files sampled from the class folders, reasons of the unusable
+    entries met, how many class folders were looked at)."""
+    candidates: list[Entry] = []
+    unusable: dict[str, int] = {}
+    class_dirs = with_files = 0
+    for files in _folder_walk(root):
+        usable = 0
+        for e in itertools.islice(files, SAMPLE_PER_FOLDER * 10):  # problem entries count, up to a bound
+            if e.problem:
+                unusable[e.problem] = unusable.get(e.problem, 0) + 1
+                continue
+            candidates.append(e)
+            usable += 1
+            if usable == SAMPLE_PER_FOLDER:
+                break
+        class_dirs += 1
+        with_files += bool(usable)
+        if with_files == SAMPLE_FOLDERS:
+            break
+    return candidates, unusable, class_dirs
+
+
+def _no_files_in_folder(root: Path, class_dirs: int, unusable: dict[str, int]) -> str:
+    """What `check_has_images` found in a folder with no usable file in its class folders, as a phrase."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        entries = []
+    hidden = sum(e.name.startswith(".") for e in entries)
+    loose = sum(not e.name.startswith(".") and not e.is_dir() for e in entries)
+    extra = ([f"{loose} file(s) lie directly in it, outside any class folder"] if loose else []) + (
+        [f"{hidden} hidden entr{'y' if hidden == 1 else 'ies'} (names starting with '.') are left out"]
+        if hidden else [])
+    if not class_dirs:
+        found = "the folder is empty" if not entries else "it has no class folder"
+    else:
+        found = (f"its {class_dirs} class folder(s) hold no usable file ({_counted(unusable)})" if unusable
+                 else f"its {class_dirs} class folder(s) hold no files")
+    return "; ".join([found] + extra)
+
+
+def _no_usable_rows(rows: list[Entry]) -> str:
+    if not rows:
+        return "the manifest has a header but no rows"
+    reasons: dict[str, int] = {}
+    for e in rows:
+        reasons[e.problem] = reasons.get(e.problem, 0) + 1
+    return f"none of its {len(rows)} row(s) names a usable file ({_counted(reasons)})"
+
+
+def _counted(reasons: dict[str, int]) -> str:
+    """'3 file not found, 1 not an image': reasons with their counts, the most frequent first."""
+    return ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
 def _has_idx(folder: Path) -> bool:
@@ -363,12 +429,16 @@ def remove_dataset(name: str, store: Store | None = None) -> dict:
         for table in keyed:
             delete(f'"{table}"', "dataset = ?", [name])
         delete("datasets", "name = ?", [name])
+        # thumbnails are keyed by content id (shared by identical files across datasets): those of
+        # images no dataset has any more
+        delete("thumbnails", "image_id NOT IN (SELECT image_id FROM images)", [])
     cache = config.cache_dir()
     for file in files:
         if file and paths.is_under(file, cache) and Path(file).is_file():
             Path(file).unlink()
             removed["files"].append(str(file))
-    folders = [config.artifacts_dir("scan")] + ([cache / "datasets"] if ds["kind"] == FASHION_MNIST else [])
+    folders = [config.artifacts_dir("scan"), config.artifacts_dir("snapshots")] \
+        + ([cache / "datasets"] if ds["kind"] == FASHION_MNIST else [])
     for parent in folders:
         try:
             folder = paths.safe_join(parent, name, what="dataset name")
