@@ -31,12 +31,16 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(VENV)/.installed $@
 
-# Debian's Fashion-MNIST (the built-in demo). Without apt, say how to get the data.
+# Debian's Fashion-MNIST (the built-in demo), and Debian's wallpapers: 2400-4096 px WebP, PNG and JPEG
+# photos that the tests build a small photo dataset from (tests/photos.py). Without apt, say how to get them.
 data:
 	@if [ -n "$$REDEX_DATA" ] || [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
 	elif [ -n "$(APT)" ]; then $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "redex: Fashion-MNIST demo data not found. Install Debian's package 'dataset-fashion-mnist'," \
 	          "or set REDEX_DATA to a folder holding its four IDX .gz files. The app works without it on your own data."; fi
+	@if [ -f /usr/share/backgrounds/gnome/symbolic-l.webp ] && [ -f /usr/share/backgrounds/2004default.jpg ]; then :; \
+	elif [ -n "$(APT)" ]; then $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq gnome-backgrounds ukui-wallpapers >/dev/null; \
+	else echo "redex: Debian's 'gnome-backgrounds' and 'ukui-wallpapers' not found; the tests on photos will be skipped." >&2; fi
 
 # Debian's chromium + chromium-driver for the end-to-end browser tests.
 browser:

@@ -2,8 +2,7 @@
 import plotly.express as px
 import streamlit as st
 
-from core import jobs
-from core.data import catalog
+from core import jobs, wording
 from core.embed import embeddings, projection
 from pages import widgets
 
@@ -36,25 +35,47 @@ proj = proj.assign(label=widgets.chart_text(proj.label), path=widgets.chart_text
 fig = px.scatter(proj, x="x", y="y", color="label", hover_data=["path", "split"], custom_data=["row"],
                  render_mode="webgl", height=620)
 fig.update_traces(marker={"size": 4 if len(proj) > 5000 else 7})
-fig.update_layout(legend_title_text="class", dragmode="lasso", xaxis_visible=False, yaxis_visible=False)
-event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map")
+# No dragmode of our own: Streamlit's default (pan) lets a click select a point; the toolbar's box and lasso
+# select many, and while one of them is the tool a click selects nothing (Streamlit sets clickmode so), hence
+# "Clear the selection": it draws the map afresh (a new key), back on the pan tool where a click selects.
+fig.update_layout(legend_title_text="class", xaxis_visible=False, yaxis_visible=False, margin={"t": 10})
+event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"),
+                        key=f"map-{st.session_state.get('map_reset', 0)}")
+
+def short(label, width: int = 12) -> str:
+    """A thumbnail caption that fits its column on one line (the full label is in the map's legend)."""
+    label = str(label)
+    return label if len(label) <= width else label[:width - 1] + "…"
+
 
 points = event.selection.points if event and event.selection else []
 rows = [p["customdata"][0] for p in points]
-pixels = catalog.load_pixels(name)
+pixels = widgets.Gallery(name)  # display thumbnails, else the pixel cache
 by_row = table.reset_index(drop=True)
 position = {r: i for i, r in enumerate(by_row.row)}
 if not rows:
-    st.caption("Select points (click, box or lasso) to see their images; one point shows its nearest neighbours.")
+    st.caption("Select points to see their images: click one (it shows its nearest neighbours too), or pick the"
+               " box or lasso tool in the map's toolbar and draw round many.")
     st.stop()
 
-st.subheader(f"{len(rows):,} selected")
+SHOWN = 96
+head, clear = st.columns([4, 1], vertical_alignment="bottom")
+head.subheader(f"{wording.plural(len(rows), 'image')} selected")
+if clear.button("Clear the selection", key="map_clear", help="Back to the pan tool, where a click selects one"
+                " point."):
+    st.session_state["map_reset"] = st.session_state.get("map_reset", 0) + 1
+    st.rerun()
+if len(rows) > SHOWN:
+    st.caption(f"Showing the first {SHOWN} of {len(rows):,}. Select fewer points (box, lasso or a click) to see"
+               " others.")
 labels = by_row.set_index("row").label
-widgets.image_grid(pixels, rows[:96], [labels[r] for r in rows[:96]])
+widgets.image_grid(pixels, rows[:SHOWN], [short(labels[r]) for r in rows[:SHOWN]], columns=8)
 focus = rows[0] if len(rows) == 1 else st.selectbox("Nearest neighbours of", rows[:96],
                                                      format_func=lambda r: f"{by_row.path[position[r]]}")
 idx, dist = projection.nearest_neighbours(emb, position[focus], k=12)
 st.subheader(f"Nearest neighbours of {widgets.md_text(by_row.path[position[focus]])}"
              f" ({widgets.md_text(labels[focus])})")
 neighbour_rows = by_row.row.to_numpy()[idx]
-widgets.image_grid(pixels, neighbour_rows, [f"{labels[r]} · {d:.3f}" for r, d in zip(neighbour_rows, dist)])
+widgets.image_grid(pixels, neighbour_rows, [f"{short(labels[r], 10)} · {d:.3f}" for r, d in zip(neighbour_rows, dist)],
+                   columns=6)
+st.caption("Under each neighbour: its class and its cosine distance to the chosen image (0 = the same direction).")

@@ -3,7 +3,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs
+from core import jobs, wording
 from core.data import catalog
 from core.ltrp import models as ltrp_models
 from core.ltrp import scoring
@@ -23,8 +23,23 @@ def ltrp_jobs() -> None:
     widgets.watch_jobs(name, [("ltrp", {}, "ltrp_waiting"), ("ltrp_score", {}, "ltrp_score_waiting")])
 
 
+group = st.session_state.get("heatmap_group")
+group = group if group and group.get("dataset") == name else None
+
+
+def group_images() -> None:
+    """The redundant group sent here from the Redundant groups page, as one picture (before any ranker)."""
+    st.subheader(widgets.md_text(group.get("title", "Redundant group")))  # it holds the group's label
+    st.caption(f"{wording.plural(len(group['rows']), 'image')} of the group (from the Redundant groups page),"
+               " the kept one first in a red frame. Their patch heatmaps appear here once a patch ranker is"
+               " trained (below).")
+    st.image(widgets.sheet(widgets.Gallery(name), group["rows"], kept=group.get("kept", group["rows"][0])))
+
+
 rankers = ltrp_models.list_rankers(name)
 if rankers.empty:
+    if group:
+        group_images()
     st.info("No patch ranker for this dataset yet. Training one takes a few minutes on a CPU: an MAE learns to"
             " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
             " patches the MAE's reconstruction depends on most (LTRP, Luo et al. 2024), and every image is"
@@ -48,8 +63,9 @@ if rankers.empty:
     ltrp_jobs()
     st.stop()
 
-rid = st.selectbox("Ranker", list(rankers.model_id), key="ltrp_ranker",
-                   help="Newest first. The id names the MAE it learned from, after '<'.")
+ranker_labels = wording.plain_labels(rankers.model_id)
+rid = st.selectbox("Ranker", list(rankers.model_id), key="ltrp_ranker", format_func=ranker_labels.get,
+                   help="Newest first.")
 ranker_row = rankers[rankers.model_id == rid].iloc[0]
 table = catalog.images_table(name)
 unscored = table.image_id.nunique() - int(ranker_row.scored)
@@ -68,11 +84,8 @@ def models(rid: str, trained_at: str):
 
 
 ranker, mae = models(rid, str(ranker_row.created_at))  # a retrained ranker (same id) is loaded again
-pixels = catalog.load_pixels(name)
 grid, patch = mae.cfg.grid, mae.cfg.patch_size
 
-group = st.session_state.get("heatmap_group")
-group = group if group and group.get("dataset") == name else None
 views = ["One image", "Class grid"] + (["Redundant group"] if group else [])
 if group and st.session_state.pop("heatmap_group_new", False):
     st.session_state["heat_mode"] = "Redundant group"
@@ -83,18 +96,19 @@ keep_ratio = c2.slider("Keep ratio", 0.05, 1.0, 0.5, 0.05, key="keep_ratio",
 
 
 def heat_figure(view: ltrp_view.PatchView) -> go.Figure:
-    """The image with its score map on top; kept patches framed."""
-    centres = (np.arange(grid) + 0.5) * patch - 0.5
-    rgb = view.original.repeat(3, axis=2) if view.original.shape[2] == 1 else view.original
-    fig = go.Figure(go.Image(z=rgb, hoverinfo="skip"))
+    """The image (at display resolution) with its score map on top; kept patches framed."""
+    shown = widgets.upscale(view.display, 360)  # small images: nearest neighbours, crisp at the figure's size
+    cell = shown.shape[0] / grid  # a patch, in display pixels
+    centres = (np.arange(grid) + 0.5) * cell - 0.5
+    fig = go.Figure(go.Image(source=widgets.data_uri(shown), hoverinfo="skip"))
     fig.add_trace(go.Heatmap(z=view.heat, x=centres, y=centres, colorscale="Viridis", opacity=0.55,
                              customdata=np.arange(grid * grid).reshape(grid, grid),
                              hovertemplate="patch %{customdata}<br>score %{z:.3f}<extra></extra>",
                              colorbar={"title": "score", "thickness": 12}))
     for p in view.keep:
         r, c = divmod(int(p), grid)
-        fig.add_shape(type="rect", x0=c * patch - 0.5, x1=(c + 1) * patch - 0.5, y0=r * patch - 0.5,
-                      y1=(r + 1) * patch - 0.5, line={"color": "#e62828", "width": 1.5})
+        fig.add_shape(type="rect", x0=c * cell - 0.5, x1=(c + 1) * cell - 0.5, y0=r * cell - 0.5,
+                      y1=(r + 1) * cell - 0.5, line={"color": "#e62828", "width": 1.5})
     fig.update_layout(height=360, margin={"l": 0, "r": 0, "t": 0, "b": 0})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
@@ -140,7 +154,7 @@ def pick_one() -> ltrp_view.ImageRef:
 if mode == "One image":
     image = pick_one()
     scores, stored = scoring.image_scores(name, rid, image, ranker)
-    view = ltrp_view.patch_view(mae, image.pixels, scores, keep_ratio)
+    view = ltrp_view.image_view(mae, image, scores, keep_ratio)  # the model's input size; the source for display
     m1, m2, m3 = st.columns(3)
     m1.metric("Kept patches", f"{len(view.keep)} / {view.scores.size}")
     m2.metric("Class", widgets.md_text(image.label) if image.label else "—")  # a metric's value is Markdown
@@ -151,7 +165,7 @@ if mode == "One image":
         st.plotly_chart(heat_figure(view), key="heatmap")
     with right:
         a, b, c = st.columns(3)
-        a.image(widgets.upscale(view.original, 168), caption="original")
+        a.image(widgets.upscale(view.display, 168), caption="original")
         b.image(widgets.upscale(view.kept, 168), caption="kept patches")
         c.image(widgets.upscale(view.reconstruction, 168), caption="MAE reconstruction from the kept patches")
     st.caption("Brighter = more informative: removing that patch changes the MAE's reconstruction of the"
@@ -166,15 +180,15 @@ elif mode == "Class grid":
                " each under its"
                " score map (brighter = more informative).")
     shown, maps = shown.head(count), maps[:count]
-    originals = ltrp_view.model_pixels(mae, np.asarray(pixels[shown.row.to_numpy()]))
+    originals = ltrp_view.display_squares(name, shown.row.to_numpy())  # display thumbnails, the model's region
     thumbnails([ltrp_view.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
 else:
     st.subheader(widgets.md_text(group.get("title", "Redundant group")))  # it holds the group's label
     st.caption("The group's images side by side (from the Redundant groups page): score maps, then the patches"
                f" kept at {keep_ratio:.2f}.")
     refs = ltrp_view.images_at(name, group["rows"])
-    group_views = [ltrp_view.patch_view(mae, r.pixels, scoring.image_scores(name, rid, r, ranker)[0], keep_ratio)
-                   for r in refs]
+    group_scores = [scoring.image_scores(name, rid, r, ranker)[0] for r in refs]
+    squares = ltrp_view.display_squares(name, group["rows"])  # display thumbnails, the model's region
     captions = [r.path.rsplit("/", 1)[-1] for r in refs]
-    thumbnails([ltrp_view.heat_overlay(v.original, v.scores, grid) for v in group_views], captions)
-    thumbnails([v.kept for v in group_views], captions)
+    thumbnails([ltrp_view.heat_overlay(q, s, grid) for q, s in zip(squares, group_scores)], captions)
+    thumbnails([ltrp_view.kept_at(q, s, grid, keep_ratio) for q, s in zip(squares, group_scores)], captions)

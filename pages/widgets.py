@@ -7,6 +7,7 @@ import streamlit as st
 from core import jobs
 from core.data import catalog
 from core.embed import embeddings
+from core.store.db import get_store
 
 
 def route_through_app() -> None:
@@ -24,11 +25,40 @@ def route_through_app() -> None:
         st.rerun()
 
 
+# -- store reads keyed by the store's generation ------------------------------------------------
+# A full rerun of a page (the first load, a picker change) would otherwise open the store several
+# times (20-200 ms each on a busy machine) and count images (seconds at a million images). These read
+# again only after some process committed to the store (`Store.generation`, two stat calls); the ttl
+# bounds what a write inside one file-time tick could leave unseen.
+def store_generation() -> tuple:
+    return get_store().generation()
+
+
+@st.cache_data(max_entries=8, ttl=60, show_spinner=False)
+def _datasets(generation: tuple):
+    return catalog.list_datasets()
+
+
+@st.cache_data(max_entries=32, ttl=60, show_spinner=False)
+def _backbones(name: str, generation: tuple):
+    return embeddings.list_backbones(name)
+
+
+def datasets_now():
+    """`catalog.list_datasets()`, read again only when the store changed."""
+    return _datasets(store_generation())
+
+
+def backbones_now(name: str):
+    """`embeddings.list_backbones(name)`, read again only when the store changed."""
+    return _backbones(name, store_generation())
+
+
 def dataset_picker(key: str = "dataset_picker", *, scanned_only: bool = True) -> str | None:
     """A select box of datasets (those with images, or every registered one); remembers the choice
     across pages (the session) and across reloads and shared links (the URL's ?dataset=). A choice whose
     dataset is gone (removed) falls back to the first one, and the URL says so."""
-    df = catalog.list_datasets()
+    df = datasets_now()
     if scanned_only:
         names = [n for n, imgs in zip(df.name, df.images) if imgs] if len(df) else []
     else:
@@ -72,15 +102,49 @@ def outlined(img: np.ndarray, color=(230, 40, 40), width: int = 4) -> np.ndarray
     return rgb
 
 
-def image_grid(pixels: np.ndarray, rows: np.ndarray, captions: list[str] | None = None, columns: int = 12,
-               highlight: set | None = None) -> None:
-    """Thumbnails of the given pixel-cache rows; rows in `highlight` get a red frame."""
+class Gallery:
+    """A dataset's images as the pages show them, by pixel-cache row (`gallery[row]`, `gallery.get(rows)`):
+    the display thumbnails the scan stored (sharp on high-density screens, aspect kept), else the pixel
+    cache's rows (small images such as Fashion-MNIST, and caches scanned before thumbnails existed).
+
+    `version`: anything that changes when the dataset is scanned again (default: its scan time); the
+    cached group sheets (`sheet`) are keyed by it."""
+
+    def __init__(self, name: str, version: str | None = None):
+        self.name = name
+        self.version = version if version is not None else str(catalog.get_dataset(name)["scanned_at"])
+
+    def get(self, rows) -> list[np.ndarray]:
+        return catalog.display_images(self.name, rows)
+
+    def __getitem__(self, row) -> np.ndarray:
+        return self.get([row])[0]
+
+
+def data_uri(img: np.ndarray) -> str:
+    """An [H, W, C] (or [H, W]) uint8 image as a data URI (PNG), e.g. for a Plotly image's `source`: a few hundred KB
+    where a `z` array of a 448 px image would be megabytes of JSON."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_grid(pixels: np.ndarray | Gallery, rows: np.ndarray, captions: list[str] | None = None,
+               columns: int = 12, highlight: set | None = None) -> None:
+    """Thumbnails of the given pixel-cache rows (of `pixels`, the pixel cache or a `Gallery`); rows in
+    `highlight` get a red frame."""
     if len(rows) == 0:
         st.caption("no images")
         return
-    cols = st.columns(columns)
-    for i, row in enumerate(rows):
-        img = np.asarray(pixels[row])
+    images = pixels.get(rows) if isinstance(pixels, Gallery) else [np.asarray(pixels[r]) for r in rows]
+    for i, (row, img) in enumerate(zip(rows, images)):
+        if i % columns == 0:  # one st.columns per line: a caption on two lines never shifts a column down
+            cols = st.columns(columns)
         with cols[i % columns]:
             st.image(outlined(img) if highlight and row in highlight else upscale(img),
                      caption=md_text(captions[i]) if captions else None)  # captions are Markdown
@@ -124,13 +188,46 @@ def embedded_dataset_picker(backbone_key: str) -> tuple[str, str, int]:
     name = dataset_picker()
     if name is None:
         st.stop()
-    backs = embeddings.list_backbones(name)
+    backs = backbones_now(name)
     backs = backs[backs.embedded > 0]
     if backs.empty:
-        st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
+        if not embeddings_in_progress(name, f"{backbone_key}_embed_waiting"):
+            st.info("No embeddings yet: start an embedding job on the **Datasets** page.")
         st.stop()
-    bid = st.selectbox("Backbone", list(backs.backbone_id), key=backbone_key)
+    bid = backbone_picker(list(backs.backbone_id), backbone_key)
     return name, bid, int(backs[backs.backbone_id == bid].embedded.iloc[0])
+
+
+def backbone_picker(ids: list[str], key: str, label: str = "Backbone") -> str:
+    """A select box of backbone ids shown in plain words (`core.wording.plain_labels`); returns the id."""
+    from core import wording
+
+    labels = wording.plain_labels(ids)
+    return st.selectbox(label, ids, key=key, format_func=labels.get, help="Newest first.")
+
+
+def jobs_page_link() -> None:
+    """A link to the Jobs page (plain text where the page runs alone, as in AppTest: no navigation)."""
+    from streamlit.errors import StreamlitPageNotFoundError
+
+    try:
+        st.page_link("pages/jobs.py", label="Open the Jobs page", icon=":material/manufacturing:")
+    except StreamlitPageNotFoundError:
+        st.caption("Every job is on the Jobs page.")
+
+
+def embeddings_in_progress(name: str, waiting_key: str) -> bool:
+    """If an embedding job of `name` is queued or running: say so where embeddings are missing, with its
+    live progress and a link to the Jobs page (the page reruns when it ends). True if one is."""
+    active = jobs.active_jobs(dataset=name, kinds=("embed",))
+    if not active and not st.session_state.get(waiting_key):
+        return False
+    if active:
+        st.info("The embeddings of this dataset are being computed. This page fills in when the job is done;"
+                " its progress is below and on the **Jobs** page.")
+        jobs_page_link()
+    watch_jobs(name, [("embed", {}, waiting_key)])
+    return bool(active)
 
 
 def watch_job(dataset: str, kind: str, params: dict, waiting_key: str, recent: list[dict] | None = None) -> bool:
@@ -184,26 +281,75 @@ def md_text(text) -> str:
     return "".join("\\" + ch if ch in specials else ch for ch in str(text)).replace("\n", " ")
 
 
-def mosaic(pixels: np.ndarray, rows, *, kept=None, columns: int = 12, tile: int = 84,
+# Group sheets: small images (at most SMALL_TILE px) as today, upscaled with nearest neighbours, 12 a line;
+# photos (display thumbnails) 8 a line in PHOTO_TILE px tiles: with Streamlit's 1,460 px cap on an
+# image's width, 8 x 176 px tiles show at 1.4-2 image pixels per screen pixel in the usual 700-1,000 px
+# wide content column, so they stay sharp on high-density screens.
+SMALL_TILE, PHOTO_TILE, PHOTO_COLUMNS = 84, 176, 8
+
+
+def mosaic(pixels: np.ndarray | Gallery, rows, *, kept=None, columns: int = 12, tile: int = SMALL_TILE,
            gap: int = 4) -> np.ndarray:
-    """One RGB image [H, W, 3] of the thumbnails at pixel-cache `rows`, `columns` per line; the row
-    `kept` (if any) comes first with a red frame. One image instead of one element per thumbnail
-    keeps a page of groups cheap to draw."""
+    """One RGB image [H, W, 3] of the thumbnails at pixel-cache `rows` (of the pixel cache or a `Gallery`),
+    `columns` per line; the row `kept` (if any) comes first with a red frame. One image instead of one
+    element per thumbnail keeps a page of groups cheap to draw. Images larger than `tile` (photos) get
+    `PHOTO_TILE` px tiles, `PHOTO_COLUMNS` a line, each scaled to fit with its aspect kept."""
+    return _compose(pixels, rows, kept, columns, tile, gap)[0]
+
+
+def _compose(pixels, rows, kept, columns: int, tile: int, gap: int) -> tuple[np.ndarray, bool]:
+    """`mosaic`, and whether it used the photo layout."""
+    from PIL import Image
+
     rows = [int(r) for r in rows]
     if kept is not None and kept in rows:
         rows = [kept] + [r for r in rows if r != kept]
+    images = pixels.get(rows) if isinstance(pixels, Gallery) else [np.asarray(pixels[r]) for r in rows]
+    photos = any(max(img.shape[:2]) > tile for img in images)
+    if photos:
+        tile, columns = PHOTO_TILE, PHOTO_COLUMNS
     lines = -(-len(rows) // columns)
     width = min(len(rows), columns)
     sheet = np.full((lines * (tile + gap) - gap, width * (tile + gap) - gap, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        img = np.asarray(pixels[row])
-        thumb = outlined(img) if row == kept else upscale(img)
-        if thumb.ndim == 2:
-            thumb = np.repeat(thumb[:, :, None], 3, axis=2)
-        thumb = thumb[:tile, :tile]
-        y, x = (i // columns) * (tile + gap), (i % columns) * (tile + gap)
+    for i, (row, img) in enumerate(zip(rows, images)):
+        if photos:
+            h, w = img.shape[:2]
+            scale = min(tile / h, tile / w)
+            fitted = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
+            thumb = np.asarray(fitted.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                             Image.Resampling.BICUBIC))
+            if row == kept:
+                thumb = thumb.copy()
+                frame = 6
+                thumb[:frame], thumb[-frame:], thumb[:, :frame], thumb[:, -frame:] = [(230, 40, 40)] * 4
+        else:
+            thumb = outlined(img) if row == kept else upscale(img)
+            if thumb.ndim == 2:
+                thumb = np.repeat(thumb[:, :, None], 3, axis=2)
+            thumb = thumb[:tile, :tile]
+        y = (i // columns) * (tile + gap) + (tile - thumb.shape[0]) // 2 * photos
+        x = (i % columns) * (tile + gap) + (tile - thumb.shape[1]) // 2 * photos
         sheet[y:y + thumb.shape[0], x:x + thumb.shape[1]] = thumb
-    return sheet
+    return sheet, photos
+
+
+def sheet(images: Gallery, rows, *, kept=None) -> bytes:
+    """What `st.image` shows for a group: `mosaic` encoded once (PNG for small images, whose upscaled
+    pixels stay crisp; JPEG for photos), cached per (dataset version, rows, kept) so a slider move rebuilds
+    only the groups that changed."""
+    return _sheet(images.name, images.version, tuple(int(r) for r in rows), None if kept is None else int(kept))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _sheet(name: str, version: str, rows: tuple, kept: int | None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img, photos = _compose(Gallery(name, version), rows, kept, 12, SMALL_TILE, 4)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, **({"format": "JPEG", "quality": 92} if photos else {"format": "PNG"}))
+    return buf.getvalue()
 
 
 def chart_text(values):

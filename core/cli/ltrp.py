@@ -1,7 +1,7 @@
 """`redex ltrp train|score|show`: LTRP patch ranking."""
 from __future__ import annotations
 
-from core.cli.common import add_command, add_detach_flag, check_out_file, start_job
+from core.cli.common import add_command, add_detach_flag, add_ray_flag, check_out_file, start_job
 from core.data import catalog
 
 
@@ -18,10 +18,12 @@ def add_parsers(sub) -> None:
                     " 64 patches, else the paper's 0.9)")
     tr.add_argument("--retrain", action="store_true", help="train again even if cached (drops its scores)")
     tr.add_argument("--no-score", action="store_true", help="train only; `redex ltrp score` scores later")
+    add_ray_flag(tr)
     add_detach_flag(tr)
     sc = add_command(cmds, "score", cmd_ltrp_score,
                      "score the patches of every image not scored yet (resumable; a job)")
     _ranker_id_flag(sc)
+    add_ray_flag(sc)
     add_detach_flag(sc)
     sh = add_command(cmds, "show", cmd_ltrp_show, "write original | heatmap | kept patches | reconstruction as a PNG")
     sh.add_argument("image", help="content id (or a unique prefix), path relative to the dataset root,"
@@ -79,7 +81,7 @@ def cmd_ltrp_show(args) -> int:
     rid = _ranker_id(args)
     image = ltrp_view.resolve_image(args.name, args.image)
     scores, stored = scoring.image_scores(args.name, rid, image)
-    view = ltrp_view.patch_view(models.load_mae_model(rid), image.pixels, scores, args.keep)
+    view = ltrp_view.image_view(models.load_mae_model(rid), image, scores, args.keep)  # model size; source shown
     out = ltrp_view.panels_png(view, args.out)
     print(f"{image.path} ({image.label or 'not in the dataset'}, score map {'stored' if stored else 'computed now'}):"
           f" kept {len(view.keep)} of {view.scores.size} patches; wrote {out}")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -55,6 +55,25 @@ def load_pixels(name: str, store: Store | None = None) -> np.ndarray:
     if not ds["pixels"] or not Path(ds["pixels"]).exists():
         raise DatasetError(f"dataset {name!r} has not been scanned yet (run `redex datasets add` again)")
     return np.load(ds["pixels"], mmap_mode="r")
+
+
+def display_images(name: str, rows, store: Store | None = None) -> list[np.ndarray]:
+    """The images at these pixel-cache rows as shown on screen, in that order: uint8 `[H, W, C]`.
+
+    The stored display thumbnail (`core.data.decode.make_thumbnail`: sharp at the pages' thumbnail
+    sizes, aspect kept) where there is one; else the pixel-cache row, which then holds the whole image
+    (small square images, e.g. Fashion-MNIST), or which comes from a scan made before thumbnails.
+    """
+    from core.data.decode import read_thumbnail
+
+    store = store or get_store()
+    rows = [int(r) for r in rows]
+    if not rows:
+        return []
+    found = dict(store.query("SELECT i.row, t.data FROM images i JOIN thumbnails t USING (image_id)"
+                             " WHERE i.dataset = ? AND list_contains(?, i.row)", [name, rows]))
+    pixels = load_pixels(name, store) if len(found) < len(set(rows)) else None
+    return [read_thumbnail(found[r]) if r in found else np.asarray(pixels[r]) for r in rows]
 
 
 def problems_table(name: str, store: Store | None = None):

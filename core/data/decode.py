@@ -1,9 +1,11 @@
-"""Decoding one image file: validation, mode conversion, the working size, content and pixel hashes."""
+"""Decoding one image file: validation, EXIF orientation, mode conversion, the working size, the display
+thumbnail, content and pixel hashes; and reading a source file again at another resolution (`load_square`)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,29 @@ SMALL_IMAGE_MAX = 64      # uniform images up to this size keep their native siz
 DEFAULT_WORKING_SIZE = 64  # otherwise images are resized (short side) and centre-cropped to this
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+THUMB_SIDE = 256           # display thumbnails: long side in px (aspect kept), never upscaled
+# WebP at quality 80, encoder effort 2 of 6: about 4 KB a thumbnail, half a JPEG's; effort 4 (the default)
+# costs 40 % more time for 3 % fewer bytes (docs/benchmarks.md, "Per-image caches")
+THUMB_FORMAT, THUMB_QUALITY, THUMB_METHOD = "WEBP", 80, 2
 
 
 def max_file_bytes() -> int:
     """Largest file read as an image (`REDEX_MAX_FILE_BYTES`, default 512 MiB)."""
     return int(os.environ.get("REDEX_MAX_FILE_BYTES") or DEFAULT_MAX_FILE_BYTES)
+
+
+def decode_workers(reserve: int = 0) -> int:
+    """Worker processes for decoding many source files: `REDEX_DECODE_WORKERS` (0 or 1: decode in this
+    process), else the CPUs this process may use less `reserve` (those kept for a model running beside
+    the workers: the timm embedder reserves one), between 1 and 16."""
+    value = os.environ.get("REDEX_DECODE_WORKERS")
+    if value:
+        return max(0, int(value))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(16, max(1, cpus - reserve))
 
 
 # -- reading one file --------------------------------------------------------------------------
@@ -70,40 +90,132 @@ class Decoded:
     image_id: str
     pixel_hash: str
     pixels: np.ndarray | None   # [S, S, C] uint8 at the working size
-    width: int
+    width: int                  # upright (EXIF orientation applied)
     height: int
     mode: str
     note: str | None = None     # conversion made, if any
+    thumbnail: Thumbnail | None = None  # when asked for and `needs_thumbnail`
 
 
-def decode(data: bytes, size: int, channels: int) -> Decoded:
-    """Validate and decode one file's bytes. Raises `BadImage` with a user-facing reason."""
-    image_id = hashlib.blake2b(data, digest_size=16).hexdigest() if data else ""
+@dataclass(frozen=True)
+class Thumbnail:
+    """A display thumbnail (`make_thumbnail`): WebP bytes and their size in px."""
+    data: bytes
+    width: int
+    height: int
+
+
+def decode(data: bytes, size: int, channels: int, thumbnail: bool = False) -> Decoded:
+    """Validate and decode one file's bytes, upright. Raises `BadImage` with a user-facing reason.
+
+    `thumbnail`: also make the display thumbnail if the working size does not hold the whole image
+    (`needs_thumbnail`).
+    """
+    image_id = content_id(data)
     im = _open(data)
-    mode, (w, h) = im.mode, im.size
+    mode = im.mode
+    im = upright(im)
+    w, h = im.size
     im, note = _normalise_mode(im)
     arr = np.asarray(im)
     pixel_hash = hashlib.blake2b(arr.tobytes() + str(arr.shape).encode(), digest_size=16).hexdigest()
-    return Decoded(image_id, pixel_hash, _to_working(im, size, channels), w, h, mode, note)
+    thumb = make_thumbnail(im) if thumbnail and needs_thumbnail(w, h, size) else None
+    return Decoded(image_id, pixel_hash, fit_square(im, size, channels), w, h, mode, note, thumb)
 
 
-def open_image(path: Path) -> Image.Image:
+def decode_files(paths: list[Path], size: int, channels: int) -> list[Decoded | str]:
+    """`decode` (with thumbnails) of each file, or the reason it cannot be used: a scan's batch for one
+    worker process."""
+    out: list[Decoded | str] = []
+    for path in paths:
+        try:
+            out.append(decode(read_file(path), size, channels, True))
+        except BadImage as exc:
+            out.append(str(exc))
+    return out
+
+
+def ignore_stop_signals() -> None:
+    """Initializer of decoding worker processes: SIGTERM and SIGINT are for the job that owns them, which
+    stops at its next progress report and takes its workers with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def content_id(data: bytes) -> str:
+    """An image's content id: a hash of the file's bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest() if data else ""
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (an unreadable tag is ignored)."""
+    try:
+        ImageOps.exif_transpose(im, in_place=True)  # no copy of an image without the tag
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        pass  # an unreadable EXIF block leaves the image as stored
+    return im
+
+
+def open_image(path: Path, min_side: int | None = None) -> Image.Image:
     """One source file as a full-resolution 8-bit L or RGB image, upright (EXIF orientation applied).
 
     The same checks as a scan (regular file, size limit, decompression bomb); raises `BadImage`.
     This is what consumers that read at their own resolution (pretrained backbones, LTRP at the
-    MAE's size, display thumbnails) start from.
+    MAE's size, display renderings) start from. `min_side`: the caller needs only this many pixels
+    on the short side, so a JPEG may be decoded at a reduced scale (DCT scaling; much faster).
     """
-    im = _open(read_file(Path(path)))
-    try:
-        im = ImageOps.exif_transpose(im)
-    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
-        pass  # an unreadable EXIF block leaves the image as stored
-    return _normalise_mode(im)[0]
+    return open_bytes(read_file(Path(path)), min_side)
 
 
-def _open(data: bytes) -> Image.Image:
-    """Open and fully load image bytes, refusing empty data, unknown formats, bombs and corrupt data."""
+def open_bytes(data: bytes, min_side: int | None = None) -> Image.Image:
+    """`open_image` of bytes already read."""
+    return _normalise_mode(upright(_open(data, min_side)))[0]
+
+
+def load_square(path: Path, size: int, channels: int, image_id: str | None = None) -> np.ndarray:
+    """A source file at `size` x `size` px as the working size is made (short side resized, centre crop),
+    but from the full-resolution file: uint8 `[size, size, channels]`.
+
+    Bicubic resampling (as the MAE and LTRP evaluation transforms). `image_id`: the content id the
+    caller expects; a file that changed since (other bytes) raises `BadImage`, as a missing one does.
+    """
+    data = read_file(Path(path))
+    if image_id is not None and content_id(data) != image_id:
+        raise BadImage("the file changed since the scan (other bytes): scan the dataset again")
+    im = open_bytes(data, min_side=size)
+    return fit_square(im, size, channels, Image.Resampling.BICUBIC)
+
+
+def needs_thumbnail(width: int, height: int, size: int) -> bool:
+    """Whether an image needs a display thumbnail: the working-size pixel cache does not hold all of it
+    at its own resolution (it is larger than the working size, or not square and so cropped there)."""
+    return width != height or width > size
+
+
+def make_thumbnail(im: Image.Image, side: int = THUMB_SIDE) -> Thumbnail:
+    """A display thumbnail of an L or RGB image: at most `side` px on the long side (aspect kept, never
+    upscaled), WebP."""
+    w, h = im.size
+    if max(w, h) > side:
+        scale = side / max(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS,
+                       reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, format=THUMB_FORMAT, quality=THUMB_QUALITY, method=THUMB_METHOD)
+    return Thumbnail(buf.getvalue(), *im.size)
+
+
+def read_thumbnail(data: bytes) -> np.ndarray:
+    """Thumbnail bytes -> uint8 `[H, W, 3]`."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _open(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Open and fully load image bytes, refusing empty data, unknown formats, bombs and corrupt data.
+
+    `min_side`: a JPEG is decoded at the smallest DCT scale that keeps at least this many pixels on
+    both sides (`Image.draft`)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -156,10 +268,11 @@ def _normalise_mode(im: Image.Image) -> tuple[Image.Image, str | None]:
     return im.convert("RGB"), f"{mode} image converted to RGB"
 
 
-def _to_working(im: Image.Image, size: int, channels: int) -> np.ndarray:
+def fit_square(im: Image.Image, size: int, channels: int,
+               resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
     """Resize (short side) and centre-crop to size x size, with `channels` channels: [S, S, C]."""
     im = im.convert("L" if channels == 1 else "RGB")
     if im.size != (size, size):
-        im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+        im = ImageOps.fit(im, (size, size), resample)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr

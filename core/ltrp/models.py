@@ -14,6 +14,7 @@ from core import config, paths
 from core.data.catalog import get_dataset, load_pixels
 from core.embed.embeddings import progress_message, training_split
 from core.jobs import JobContext
+from core.ltrp.inputs import ModelImages, scratch_images
 from core.store.db import Store, get_store, to_json
 from core.store.vectors import VectorTable
 
@@ -157,7 +158,7 @@ def ensure_mae(name: str, settings: LtrpSettings, *, checkpoint: str | None = No
         ctx.phase(f"train the MAE ({len(train):,} images, self-supervised)")
     mae, metrics = train_mae(np.asarray(pixels[train.row.to_numpy()]), cfg, epochs=settings.mae_epochs,
                              batch_size=settings.mae_batch, lr=settings.mae_lr, seed=settings.seed,
-                             **_callbacks(ctx))
+                             **_callbacks(ctx, min(settings.mae_batch, len(train))))
     eval_rows = (held if len(held) else train).row.to_numpy()[:2000]
     metrics.update(eval_split=held_name, eval_masked_mse=evaluate_mae(mae, np.asarray(pixels[eval_rows])))
     save_mae(mae, ckpt, {"model_id": mid, "dataset": name})
@@ -167,10 +168,11 @@ def ensure_mae(name: str, settings: LtrpSettings, *, checkpoint: str | None = No
     return mae, mid, True
 
 
-def _callbacks(ctx: JobContext | None) -> dict:
+def _callbacks(ctx: JobContext | None, batch: int = 1) -> dict:
+    """Progress (in images: steps x `batch`, so the job's rate reads in images/s) and cancel for a job."""
     if ctx is None:
         return {}
-    return {"progress": lambda done, total, info: ctx.progress(done, total, progress_message(info)),
+    return {"progress": lambda done, total, info: ctx.progress(done * batch, total * batch, progress_message(info)),
             "should_stop": ctx.should_stop}
 
 
@@ -196,24 +198,32 @@ def ensure_ranker(name: str, mae, mae_id: str, settings: LtrpSettings, *, retrai
     cfg = ltrp_ranker.RankerConfig.for_mae(mae, **settings.ranker_config)
     mask_ratio = settings.mask_ratio or ltrp_ranker.default_mask_ratio(mae.cfg.num_patches)
     recipe = settings.ranker_recipe(mask_ratio)
+    inputs = ModelImages(name, mae.cfg.img_size, store, check=ctx.check_cancelled if ctx else None)
+    if inputs.sources:  # trained on the files at the MAE's size (core.ltrp.inputs), not the pixel cache
+        recipe["inputs"] = f"files@{mae.cfg.img_size}"
     rid = ranker_model_id(name, cfg, recipe, mae_id)
     ckpt = _checkpoint_path(rid)
     if ckpt.exists() and not retrain:
         if ctx:
             ctx.log(f"reusing the trained ranker {rid}")
         return ltrp_ranker.load_ranker(ckpt)[0], rid
-    pixels = load_pixels(name, store)
     train, held, held_name = training_split(name, store, seed=settings.seed)
     rows = train.row.to_numpy()
     if settings.ranker_images and len(rows) > settings.ranker_images:
         rng = np.random.default_rng(settings.seed)
         rows = np.sort(rng.choice(rows, settings.ranker_images, replace=False))
-    if ctx:
-        ctx.phase(f"train the ranker on MAE pseudo-scores ({len(rows):,} images, mask ratio {mask_ratio})")
-    ranker, metrics = ltrp_ranker.train_ranker(
-        mae, np.asarray(pixels[rows]), cfg, epochs=settings.ranker_epochs, batch_size=settings.ranker_batch,
-        lr=settings.ranker_lr, mask_ratio=mask_ratio, seed=settings.seed,
-        eval_images=np.asarray(pixels[(held.row.to_numpy() if len(held) else rows)[:512]]), **_callbacks(ctx))
+    eval_rows = (held.row.to_numpy() if len(held) else rows)[:512]
+    with scratch_images(len(rows), inputs) as images:
+        if ctx and inputs.sources:
+            ctx.phase(f"read {len(rows) + len(eval_rows):,} images from their files at {mae.cfg.img_size} px")
+        images = inputs.images(rows, out=images)
+        eval_images = inputs.images(eval_rows)
+        if ctx:
+            ctx.phase(f"train the ranker on MAE pseudo-scores ({len(rows):,} images, mask ratio {mask_ratio})")
+        ranker, metrics = ltrp_ranker.train_ranker(
+            mae, images, cfg, epochs=settings.ranker_epochs, batch_size=settings.ranker_batch,
+            lr=settings.ranker_lr, mask_ratio=mask_ratio, seed=settings.seed, eval_images=eval_images,
+            **_callbacks(ctx, min(settings.ranker_batch, len(rows))))
     metrics["eval_split"] = held_name
     ltrp_ranker.save_ranker(ranker, ckpt, {"model_id": rid, "dataset": name, "mae": mae_id})
     PATCH_SCORES.delete(rid, store)

@@ -5,11 +5,19 @@ import os
 
 import numpy as np
 
-from core.data.catalog import load_pixels
+from core.data.catalog import get_dataset, load_pixels
 from core.jobs import JobContext, task
-from core.ltrp.models import PATCH_SCORES, LtrpSettings, load_ranker_model, require_ranker, train_ltrp
-from core.ltrp.view import ImageRef
+from core.ltrp.inputs import ModelImages, reads_sources
+from core.ltrp.models import (
+    PATCH_SCORES,
+    LtrpSettings,
+    load_ranker_model,
+    require_ranker,
+    train_ltrp,
+)
+from core.ltrp.view import ImageRef, model_input
 from core.store.db import Store, get_store
+from core.store.vectors import ModelCompute
 
 SCORE_CHUNK = int(os.environ.get("REDEX_LTRP_CHUNK", "2048"))  # images per committed chunk (unit of resume)
 
@@ -29,15 +37,30 @@ def score_dataset(name: str, rid: str | None = None, *, store: Store | None = No
     store = store or get_store()
     rid = rid or require_ranker(name, store)
     ranker = load_ranker_model(rid, store)
-    pixels = load_pixels(name, store)
+    size = ranker.cfg.img_size
+    if reads_sources(get_dataset(name, store), size):
+        # A model at another size than the working size (a pretrained MAE's 224 px) reads the source files
+        # at its own size, decoded by DataLoader workers (core.ltrp.inputs); here, not on a Ray cluster.
+        inputs = ModelImages(name, size, store, check=ctx.check_cancelled if ctx else None)
 
-    def score(rows: np.ndarray) -> np.ndarray:
-        return ltrp_ranker.score_maps(ranker, np.asarray(pixels[rows]), batch_size=batch_size)
+        def score(rows: np.ndarray) -> np.ndarray:
+            return ltrp_ranker.score_maps(ranker, inputs.images(rows), batch_size=batch_size)
+        note = f"ranker {rid}; images read from their files at {size} px"
+    else:
+        inputs = None
+        score = ModelCompute(name, ranker, ltrp_ranker.score_maps, batch_size,
+                             load_pixels(name, store))  # here, or on a Ray cluster
+        note = f"ranker {rid}"
 
     filled = PATCH_SCORES.compute_and_store(name, rid, score, store, chunk=SCORE_CHUNK, ctx=ctx,
-                                            phase="score every image's patches", verb="scored",
-                                            note=f"ranker {rid}")
-    return {"ranker_id": rid, "scored": filled.computed, "reused": filled.reused, "total": filled.total}
+                                            phase="score every image's patches", verb="scored", note=note)
+    out = {"ranker_id": rid, "scored": filled.computed, "reused": filled.reused, "total": filled.total}
+    if inputs is not None and inputs.fallbacks:
+        out["from_pixel_cache"] = inputs.fallbacks
+        if ctx:
+            ctx.log(f"{inputs.fallbacks:,} images were read from the pixel cache: their files are gone or changed"
+                    " since the scan (scan the dataset again)", level="warning")
+    return out
 
 
 @task("ltrp")
@@ -74,4 +97,4 @@ def image_scores(name: str, rid: str, image: ImageRef, ranker=None,
     if len(maps):
         return maps[0], True
     ranker = ranker if ranker is not None else load_ranker_model(rid, store)
-    return ltrp_ranker.score_maps(ranker, image.pixels[None])[0], False
+    return ltrp_ranker.score_maps(ranker, model_input(image, ranker.cfg.img_size)[None])[0], False

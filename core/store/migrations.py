@@ -179,4 +179,20 @@ MIGRATIONS: list[str] = [
         distance     FLOAT NOT NULL
     );
     """,
+    # 7: display thumbnails, one per content id, made by the scan from the decoded file (core.data.scan);
+    # only for images the working-size pixel cache does not hold whole (larger, or not square).
+    """
+    CREATE TABLE thumbnails (
+        image_id     VARCHAR PRIMARY KEY,       -- content id (images.image_id), shared by every dataset
+        format       VARCHAR NOT NULL,          -- WEBP
+        width        INTEGER NOT NULL,          -- upright, at most core.data.decode.THUMB_SIDE on the long side
+        height       INTEGER NOT NULL,
+        data         BLOB NOT NULL
+    );
+    """,
+    # 8: where a job ran: NULL on this machine, else the Ray cluster (core.scale): address, nodes, CPUs,
+    # GPUs and how many workers the job used.
+    """
+    ALTER TABLE jobs ADD COLUMN ran_on JSON;
+    """,
 ]
