@@ -16,6 +16,23 @@ from core.store import db
 from tests.app_server import free_port, start_server, stop_server  # noqa: F401  (tests import them from here)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_hub(tmp_path_factory):
+    """No test reaches the Hugging Face Hub or reads the user's HF cache: an empty HF_HOME and
+    HF_HUB_OFFLINE=1, for this process (huggingface_hub read them at import) and the jobs it starts.
+    Tests of the online path point huggingface_hub at a server on 127.0.0.1 themselves."""
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("HF_HUB_CACHE", raising=False)
+        mp.setenv("HF_HOME", str(home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """A fresh REDEX_CACHE for this test (child processes inherit it)."""

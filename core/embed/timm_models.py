@@ -1,16 +1,45 @@
-"""Pretrained timm backbones behind redex's interface; never silently random weights."""
+"""Pretrained timm backbones behind redex's interface; never random weights, never silently.
+
+Weights come the way timm gets them (`timm.create_model(name, pretrained=True)`, which goes through
+`huggingface_hub` into the Hugging Face cache), or from a local file (`--checkpoint PATH`):
+
+- the default pretrained tag's file already in the HF cache (`HF_HOME`, `HF_HUB_CACHE`) is used from
+  there, with no network call, whether or not `HF_HUB_OFFLINE` is set;
+- otherwise it is downloaded into the cache, unless `HF_HUB_OFFLINE=1` (as huggingface_hub honours it)
+  or the Hub cannot be reached; one HEAD request with a short timeout (`HF_HUB_ETAG_TIMEOUT`, default
+  5 s here, no retries) tells, so a machine without a network is told at once, before any job starts,
+  with the command that fetches the weights elsewhere;
+- a model with no pretrained weights at all is refused with that reason.
+
+`pretrained_weights` says where a model's weights are (or why they cannot be had), `check_available`
+refuses before a job starts, `backbone_choices` is what the Datasets page offers, and `load_timm`
+builds the model. A pretrained backbone reads images at its pretrained config
+(`timm.data.resolve_model_data_config`: size, crop_pct, interpolation, mean/std) through timm's eval
+transform: `ImageReader` decodes source files at full resolution (`core.data.decode.open_image`) in
+DataLoader worker processes, and `embed_images` runs the model over them.
+"""
 from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
 from core import paths
+from core.data.decode import BadImage, open_image
+from core.device import autocast, pick_device
 from core.training.checkpoints import read_weights
+
+DEFAULT_PROBE_TIMEOUT_S = 5.0   # the Hub reachability probe; HF_HUB_ETAG_TIMEOUT overrides it
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's load_state_dict_from_hf tries
+SUGGESTED_TIMM = ("resnet18", "resnet50", "convnext_tiny", "vit_small_patch16_224")  # offered by the page
 
 
 class BackboneUnavailable(RuntimeError):
@@ -24,23 +53,263 @@ def check_timm_name(name: str) -> None:
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown timm model {name!r}{hint} (all names: timm.list_models())")
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{arch}.*")]
+        raise ValueError(f"timm has no pretrained tag {tag!r} for {arch!r}; its tags: {', '.join(tags) or 'none'}"
+                         f" (timm:{arch} takes the default one)")
 
 
+# -- where the weights are ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Weights:
+    """Where the default pretrained weights of timm model `name` are, or why they cannot be had here."""
+    name: str
+    can_run: bool
+    reason: str                 # one line: where they are, or why not and what to do
+    repo: str = ""              # 'timm/resnet18.a1_in1k' (a Hub repository) or the URL of the file
+    path: Path | None = None    # the local file (HF or torch-hub cache), when cached
+    tag: str = ""               # the pretrained tag, e.g. 'a1_in1k'
+
+    @property
+    def revision(self) -> str:
+        """The cached snapshot's commit (HF cache: `.../snapshots/<commit>/<file>`), else ''."""
+        if self.path is None or self.path.parent.parent.name != "snapshots":
+            return ""
+        return self.path.parent.name
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache this process uses (`HF_HUB_CACHE`, else `HF_HOME/hub`)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def offline() -> bool:
+    """`HF_HUB_OFFLINE=1` (read by huggingface_hub when it is imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def probe_timeout() -> float:
+    return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_PROBE_TIMEOUT_S)
+
+
+def fetch_command(name: str) -> str:
+    """The shell command that puts `name`'s default pretrained weights in the HF cache of a machine with a network."""
+    return f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+
+
+def pretrained_weights(name: str, *, probe: bool = True, memo: dict | None = None) -> Weights:
+    """Where timm model `name`'s default pretrained weights are: the HF cache (or torch-hub cache for the
+    few models with a URL only), else the Hub when it answers (`probe`: one HEAD request, short timeout,
+    no retries; `memo` shares a failed probe between calls). Never downloads."""
+    from timm.models import get_pretrained_cfg
+
+    check_timm_name(name)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return Weights(name, False, f"timm has no pretrained weights for {name!r} (tag "
+                       f"{getattr(cfg, 'tag', None) or 'none'}; timm.list_models(pretrained=True) lists the models"
+                       " that have them): it would run with random weights, which redex never does; pass"
+                       " --checkpoint PATH with weights trained elsewhere")
+    tag = cfg.tag or ""
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else list(HF_WEIGHT_FILES)
+        found = _in_hf_cache(repo, files, revision or None)
+        if found:
+            return Weights(name, True, f"weights in the HF cache ({repo})", repo, found, tag)
+        where = f"not in the HF cache ({hub_cache()})"
+    else:
+        repo, revision, files = cfg.url, "", []
+        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if local.is_file():
+            return Weights(name, True, f"weights in the torch hub cache ({local})", repo, local, tag)
+        where = f"not in the HF cache nor the torch hub cache ({local})"
+    why = _cannot_download(repo, files, revision, probe=probe, memo=memo)
+    if why is None:
+        server = "the Hugging Face Hub" if cfg.hf_hub_id else "their URL"
+        return Weights(name, True, f"weights {where}: they will be downloaded from {server} ({repo}) when the"
+                       " job starts", repo, None, tag)
+    return Weights(name, False, f"weights of timm:{name} ({repo}) are {where} and {why}: {_how_to_fetch(name, repo)}",
+                   repo, None, tag)
+
+
+def check_available(name: str) -> Weights:
+    """`pretrained_weights(name)`, or `BackboneUnavailable` with its reason when they cannot be had here."""
+    weights = pretrained_weights(name)
+    if not weights.can_run:
+        raise BackboneUnavailable(weights.reason)
+    return weights
+
+
+def _how_to_fetch(name: str, repo: str) -> str:
+    """What to do on a machine without the weights: the command that fetches them elsewhere, where to copy
+    them here, or a local file."""
+    if "://" in repo:  # torch hub's cache, not Hugging Face's
+        copy = (f"copy {os.path.basename(repo)} from its torch hub cache (~/.cache/torch/hub/checkpoints) into"
+                f" {Path(torch.hub.get_dir()) / 'checkpoints'} here")
+    else:
+        copy = (f"copy its HF cache folder (models--{repo.replace('/', '--')} under ~/.cache/huggingface/hub)"
+                f" into {hub_cache()} here")
+    return (f"on a machine with a network run `{fetch_command(name)}`, then {copy}; or give a local weights file"
+            f" with --checkpoint PATH (the page's Checkpoint file)")
+
+
+def _in_hf_cache(repo: str, files: Sequence[str], revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in files:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _cannot_download(repo: str, files: Sequence[str], revision: str, *, probe: bool, memo: dict | None) -> str | None:
+    """None when the weights can be downloaded now, else why not (offline, or the Hub does not answer)."""
+    if offline():
+        return "HF_HUB_OFFLINE=1 forbids downloading them"
+    if not probe:
+        return None
+    memo = {} if memo is None else memo
+    if "unreachable" in memo and "://" not in repo:
+        return memo["unreachable"]
+    try:
+        _probe(repo, files, revision)
+    except _Unreachable as exc:
+        why = f"{'their URL' if '://' in repo else 'the Hugging Face Hub'} cannot be reached ({exc})"
+        if "://" not in repo:  # a Hub that does not answer for one model does not for the next
+            memo["unreachable"] = why
+        return why
+    except _Refused as exc:
+        return f"the Hub refuses them ({exc})"
+    return None
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class _Refused(Exception):
+    pass
+
+
+def _probe(repo: str, files: Sequence[str], revision: str) -> None:
+    """One HEAD request per candidate file, `probe_timeout()` seconds, no retries: returns when one exists."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import get_session
+
+    timeout = probe_timeout()
+    try:
+        if "://" in repo:  # a model with a URL only: timm fetches it with torch.hub
+            status = get_session().head(repo, timeout=timeout, follow_redirects=True).status_code
+            if status >= 400:
+                raise (_Refused if status < 500 else _Unreachable)(f"HTTP {status} from {repo}")
+            return
+        for filename in files:
+            try:
+                get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision or None), timeout=timeout)
+                return
+            except EntryNotFoundError:
+                continue
+    except (_Refused, _Unreachable):
+        raise
+    except RepositoryNotFoundError as exc:  # gated, private or gone
+        raise _Refused(_first_line(exc)) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
+        raise (_Refused if 400 <= status < 500 else _Unreachable)(_first_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - connection errors of huggingface_hub's HTTP client, DNS, timeouts
+        raise _Unreachable(f"{type(exc).__name__}: {_first_line(exc)}") from None
+    raise _Refused(f"no weights file ({', '.join(files)}) in {repo}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# -- what the Datasets page offers -------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    spec: str       # 'trained:resnet8s2', 'timm:resnet18'
+    can_run: bool
+    reason: str
+
+
+def backbone_choices(extra: Iterable[str] = (), *, probe: bool = True) -> list[Choice]:
+    """Backbones to offer: every trained architecture, the suggested timm models, every timm model whose
+    weights are in the HF cache, and `extra` timm names; each with whether it can run here now, and why
+    (not). Trained ones first (the default first), then the timm ones in that order. At most one
+    failed network probe (shared); no download."""
+    from core.embed.backbones import DEFAULT_BACKBONE, list_archs
+
+    trained = [DEFAULT_BACKBONE] + [f"trained:{a}" for a in list_archs() if f"trained:{a}" != DEFAULT_BACKBONE]
+    choices = [Choice(s, True, "trained here on the dataset's own train split"
+                      + (" (the default, the paper's way)" if s == DEFAULT_BACKBONE else "")) for s in trained]
+    memo: dict = {}
+    for name in dict.fromkeys([*cached_timm_models(), *SUGGESTED_TIMM, *extra]):
+        try:
+            weights = pretrained_weights(name, probe=probe, memo=memo)
+        except ValueError as exc:  # an unknown name
+            choices.append(Choice(f"timm:{name}", False, str(exc)))
+            continue
+        choices.append(Choice(f"timm:{name}", weights.can_run, weights.reason))
+    return choices
+
+
+def cached_timm_models() -> list[str]:
+    """timm models whose default pretrained weights are in the HF cache, as timm names: 'resnet18' when
+    the cached tag is the default one, 'resnet18.tv_in1k' otherwise. Sorted."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    names = []
+    root = hub_cache()
+    for folder in sorted(root.glob("models--timm--*")) if root.is_dir() else []:
+        full = folder.name.removeprefix("models--timm--")
+        arch = full.partition(".")[0]
+        if full not in timm.list_pretrained(full):  # a tag this timm does not know
+            continue
+        default = get_pretrained_cfg(arch)
+        name = arch if default is not None and default.hf_hub_id == f"timm/{full}" else full
+        if pretrained_weights(name, probe=False).path is not None:
+            names.append(name)
+    return names
+
+
+# -- the model ---------------------------------------------------------------------------------
 class TimmBackbone(nn.Module):
-    """A timm model behind redex's interface.
+    """A timm model behind redex's interface: pooled pre-logits features `[N, embed_dim]`.
 
-    Raw pixels `[N, C, H, W]` (0..255, C = 1 or 3) -> 3 channels, resized to the model's input
-    size, normalised with its mean/std -> pooled pre-logits features `[N, embed_dim]`.
-    The classifier is dropped: `forward` is `forward_features`.
+    - `transform`: timm's eval transform at the pretrained config (PIL image -> normalised `[3, H, W]`);
+      `features(x)` takes a batch of those. This is how `embed_images` reads images.
+    - `forward_features(x)` also takes raw pixels `[N, C, H, W]` (0..255, C = 1 or 3): 3 channels,
+      resized to the input size, normalised with the model's mean/std (a tensor path for callers that
+      only have pixel arrays).
+    - `weights`: where the weights came from (HF repo and revision, torch hub file, or a checkpoint
+      digest), for the backbone id.
     """
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, weights: str = ""):
         super().__init__()
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(model)
         self.model = model
         self.name = name
+        self.weights = weights
+        self.data_config = dict(cfg)
+        self.transform = timm.data.create_transform(**cfg, is_training=False)
         self.embed_dim = model.num_features
         self.input_size = tuple(cfg["input_size"][1:])
         self.interpolation = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bilinear"
@@ -57,38 +326,68 @@ class TimmBackbone(nn.Module):
                               antialias=x.shape[-1] > self.input_size[-1]).clamp_(0.0, 1.0)
         return (x - self.mean) / self.std
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, 3, H, W]` already through `transform` -> `[N, embed_dim]`."""
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.model.forward_features(self.prepare(x))
-        return self.model.forward_head(feats, pre_logits=True)
+        return self.features(self.prepare(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
 
-def load_timm(name: str, checkpoint: str | Path | None = None) -> TimmBackbone:
-    """A pretrained timm model, from `checkpoint` (a local state dict) or the local HF cache.
+def load_timm(name: str, checkpoint: str | Path | None = None, *,
+              log: Callable[[str], None] | None = None) -> TimmBackbone:
+    """A pretrained timm model (classifier dropped, eval mode) from `checkpoint` (a local state dict) or
+    from its default pretrained tag: the HF cache when it holds the weights (no network), else a
+    download into it (timm's own `pretrained=True`). Never random weights: raises `BackboneUnavailable`
+    with the reason and what to do."""
+    check_timm_name(name)
+    if checkpoint is not None:
+        return _from_checkpoint(name, Path(checkpoint).expanduser())
+    weights = check_available(name)
+    if weights.path is None:
+        if log:
+            log(f"downloading the weights of timm:{name} ({weights.repo}) into the HF cache {hub_cache()}")
+        model = _create_pretrained(name, None, weights)
+        weights = pretrained_weights(name, probe=False)  # now cached: its revision goes into the id
+    else:
+        model = _create_pretrained(name, weights.path, weights)
+    source = f"{weights.repo}@{weights.revision}" if weights.revision else str(weights.path or weights.repo)
+    return TimmBackbone(model, name, weights=source).eval()
 
-    Never touches the network and never returns random weights: raises `BackboneUnavailable`.
-    """
+
+def _create_pretrained(name: str, path: Path | None, weights: Weights) -> nn.Module:
+    """timm's own pretrained loading: from the cached `path` (`pretrained_cfg_overlay=dict(file=...)`,
+    no network) or, without one, from the Hub into the HF cache. The classifier keeps its pretrained
+    shape so the load is strict (a file that does not fit fails), then it is dropped."""
     import timm
 
-    check_timm_name(name)
-    tried = []
-    path = Path(checkpoint).expanduser() if checkpoint is not None else _cached_timm_weights(name, tried)
-    if path is not None and not path.exists():
-        tried.append(f"checkpoint {path} (no such file)")
-        path = None
-    if path is None:
+    overlay = {"file": str(path)} if path is not None else None
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # noqa: BLE001 - network, hub and file errors all end here, with the reason
+        got = "read" if path is not None else "downloaded"
         raise BackboneUnavailable(
-            f"no pretrained weights for timm model {name!r}. Tried: {'; '.join(tried)}. "
-            f"Supply a local weights file with --checkpoint PATH (a .safetensors or .pth state dict "
-            f"for {name!r}), or put the Hugging Face repository in the cache "
-            f"(`huggingface-cli download <repo>` on a machine with internet, then copy the cache)."
-        )
+            f"the weights of timm:{name} ({path or weights.repo}) could not be {got}: {type(exc).__name__}:"
+            f" {_first_line(exc)}; {_how_to_fetch(name, weights.repo)}") from None
+    model.reset_classifier(0)
+    return model
+
+
+def _from_checkpoint(name: str, path: Path) -> TimmBackbone:
+    import timm
+
+    if not path.exists():
+        raise BackboneUnavailable(
+            f"no pretrained weights for timm model {name!r}: checkpoint {path} (no such file). Supply a local"
+            f" weights file with --checkpoint PATH (a .safetensors or .pth state dict for {name!r}), or leave"
+            f" it out to use the default pretrained weights from the HF cache")
     paths.regular_file(path, "checkpoint")  # a folder, a FIFO, a device: refused before opening
     model = timm.create_model(name, pretrained=False, num_classes=0)
     _load_body(model, _read_state_dict(path), name, path)
-    return TimmBackbone(model, name).eval()
+    return TimmBackbone(model, name, weights=f"checkpoint:{paths.file_digest(path, 'checkpoint')}").eval()
 
 
 def check_checkpoint(name: str, checkpoint: str | Path) -> None:
@@ -110,31 +409,6 @@ def check_checkpoint(name: str, checkpoint: str | Path) -> None:
         raise BackboneUnavailable(f"{path} does not hold weights for timm model {name!r}: shapes differ: "
                                   f"{', '.join(wrong[:3])}")
     _check_keys(model, [k for k in expected if k not in state], [k for k in state if k not in expected], name, path)
-
-
-def _cached_timm_weights(name: str, tried: list[str]) -> Path | None:
-    """Weights of `name`'s default pretrained tag in the local HF or torch-hub cache, else None."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        tried.append(f"timm has no pretrained weights registered for {name!r}")
-        return None
-    if cfg.hf_hub_id:
-        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in filenames:
-            try:
-                return Path(hf_hub_download(cfg.hf_hub_id, filename, local_files_only=True))
-            except LocalEntryNotFoundError:
-                tried.append(f"HF cache {constants.HF_HUB_CACHE} for {cfg.hf_hub_id}/{filename}")
-    if cfg.url:
-        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if local.is_file():
-            return local
-        tried.append(f"torch hub cache {local}")
-    return None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -181,3 +455,75 @@ def _check_keys(model: nn.Module, missing: list[str], unexpected: list[str], nam
             f"{path} does not hold weights for timm model {name!r}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+# -- reading images at the pretrained config ---------------------------------------------------
+class ImageReader(torch.utils.data.Dataset):
+    """Images through a backbone's `transform`; item i is `(i, tensor [3, H, W], None)` or, for an image
+    that cannot be read, `(i, None, reason)`.
+
+    From source files (`files`, each read by `open_image`: full resolution, upright, checked) or, for a
+    dataset with no file of its own per image, from pixel arrays `pixels [N, S, S, C]` at their size.
+    """
+
+    def __init__(self, transform: Callable, *, files: Sequence[Path] | None = None,
+                 pixels: np.ndarray | None = None):
+        if (files is None) == (pixels is None):
+            raise ValueError("give either files or pixels")
+        self.transform, self.files, self.pixels = transform, files, pixels
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.pixels)
+
+    def __getitem__(self, i: int):
+        try:
+            if self.files is not None:
+                im = open_image(self.files[i])
+            else:
+                arr = np.asarray(self.pixels[i])
+                im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            return i, self.transform(im.convert("RGB")), None
+        except BadImage as exc:
+            return i, None, str(exc)
+        except (OSError, ValueError) as exc:  # decoded, but the transform could not use it
+            return i, None, f"cannot be read: {_first_line(exc)}"
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(indices of the images read, `[B, 3, H, W]` of them, [(index, reason)] of the others)."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, [(i, reason) for i, x, reason in items if x is None]
+
+
+def decode_workers() -> int:
+    """DataLoader worker processes that decode images: `core.data.decode.decode_workers` keeping one CPU
+    for the model (`REDEX_DECODE_WORKERS` overrides)."""
+    from core.data.decode import decode_workers as workers
+
+    return workers(reserve=1)
+
+
+def embed_images(model: TimmBackbone, reader: ImageReader, *, batch_size: int = 64, num_workers: int | None = None,
+                 device: torch.device | str | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """(float32 `[len(reader), embed_dim]`, {index: reason}): features of every image of `reader`, decoded
+    in `num_workers` processes (default `decode_workers()`; 0: here), in order; the row of an image
+    that could not be read is NaN and its reason is in the dict. Eval mode, no grad, autocast on CUDA."""
+    device = torch.device(device) if device is not None else pick_device()
+    workers = decode_workers() if num_workers is None else num_workers
+    model.to(device).eval()
+    out = np.full((len(reader), model.embed_dim), np.nan, dtype=np.float32)
+    failed: dict[int, str] = {}
+    loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
+    for index, batch, bad in loader:
+        failed.update(bad)
+        if index:
+            out[index] = _features(model, batch.to(device, non_blocking=True), device)
+    return out, failed
+
+
+@torch.inference_mode()
+def _features(model: TimmBackbone, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    with autocast(device):
+        return model.features(x).float().cpu().numpy()
