@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from core import config
+from core import config, wording
 from core.store.db import Store, get_store, to_json
 
 ACTIVE = ("queued", "running")
@@ -63,23 +63,36 @@ class TaskDef:
     fn: Callable[["JobContext"], Any]
     heavy: bool
     lane: str = "heavy"
+    ray_lane: str | None = None  # the lane when the job's work runs on a Ray cluster (None: `lane`)
 
 
 TASKS: dict[str, TaskDef] = {}
 
 
-def task(kind: str, heavy: bool = True, lane: str | None = None):
+def task(kind: str, heavy: bool = True, lane: str | None = None, ray_lane: str | None = None):
     """Register a task function under `kind`, in `lane` (light, quick or heavy; see the module docstring).
 
-    Default lane: light when not `heavy`, quick for the kinds in `QUICK_KINDS`, else heavy."""
+    Default lane: light when not `heavy`, quick for the kinds in `QUICK_KINDS`, else heavy. `ray_lane`:
+    the lane when the job has a Ray address (`core.scale.ray_address`) and its whole work runs there
+    (a training run: 'light', it takes no slot here)."""
     lane = lane or ("light" if not heavy else "quick" if kind in QUICK_KINDS else "heavy")
-    if lane not in LANES:
+    if lane not in LANES or (ray_lane is not None and ray_lane not in LANES):
         raise ValueError(f"unknown lane {lane!r}; known: {', '.join(LANES)}")
 
     def register(fn):
-        TASKS[kind] = TaskDef(kind, fn, lane != "light", lane)
+        TASKS[kind] = TaskDef(kind, fn, lane != "light", lane, ray_lane)
         return fn
     return register
+
+
+def job_lane(taskdef: TaskDef, params: dict | None) -> str:
+    """The lane a job runs in: its kind's, or its `ray_lane` when the job runs on a Ray cluster."""
+    if taskdef.ray_lane is not None:
+        from core.scale import ray_address
+
+        if ray_address(params):
+            return taskdef.ray_lane
+    return taskdef.lane
 
 
 def max_parallel() -> int:
@@ -118,7 +131,8 @@ def launch(kind: str, dataset: str | None = None, params: dict | None = None,
     with store.write() as con:
         job_id = con.execute(
             "INSERT INTO jobs (kind, dataset, params, status, message, lane) VALUES (?, ?, ?, 'queued', ?, ?)"
-            " RETURNING id", [kind, dataset, to_json(params or {}), "starting", TASKS[kind].lane]).fetchone()[0]
+            " RETURNING id", [kind, dataset, to_json(params or {}), "starting",
+                              job_lane(TASKS[kind], params)]).fetchone()[0]
         log_path = log_dir / f"job-{job_id}.log"
         con.execute("UPDATE jobs SET log_path = ? WHERE id = ?", [str(log_path), job_id])
     env = dict(os.environ, REDEX_CACHE=str(config.cache_dir()), PYTHONUNBUFFERED="1")
@@ -218,9 +232,9 @@ def describe(job: dict) -> dict:
     if total:
         parts.append(f"{done:,}/{total:,}")
     if rate:
-        parts.append(f"{rate:,.1f}/s")
+        parts.append(wording.rate(rate, wording.job_unit(job)))  # '102 images/s', '3.4 files/s'
     if eta is not None:
-        parts.append(f"ETA {format_seconds(eta)}")
+        parts.append(f"about {wording.duration(eta)} left")
     if job.get("message") and job["message"] not in (job.get("phase"), job["status"]):
         parts.append(job["message"])
     if job["status"] == "failed" and job.get("error"):
@@ -317,6 +331,7 @@ class JobContext:
     _phase_start: float = field(default_factory=time.monotonic)
     _phase_done0: int = 0
     _cancelled: bool = False
+    _interrupt: bool = False
 
     def phase(self, name: str, total: int | None = None) -> None:
         """Start a named phase with its own progress count (e.g. 'train backbone', 'embed')."""
@@ -348,6 +363,28 @@ class JobContext:
         self.store.execute("INSERT INTO job_events (job_id, level, message) VALUES (?, ?, ?)",
                            [self.job_id, level, message])
 
+    def ran_on(self, where: dict | None) -> None:
+        """Record where the job's work runs: None here, else the Ray cluster (`core.scale.cluster`)."""
+        self.store.execute("UPDATE jobs SET ran_on = ?, updated_at = now() WHERE id = ?",
+                           [None if where is None else to_json(where), self.job_id])
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Inside, a cancel raises `JobCancelled` at once instead of at the next progress call: for a
+        driver blocked waiting on a cluster (use it around waits only, never around store writes)."""
+        self.check_cancelled()
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
+
+    def _on_cancel(self, *_) -> None:
+        self._cancelled = True
+        if self._interrupt:
+            self._interrupt = False
+            raise JobCancelled()
+
     def should_stop(self) -> bool:
         return self._cancelled
 
@@ -365,12 +402,12 @@ def run_job(job_id: int, store: Store) -> int:
         return 2
     job = row[0]
     ctx = JobContext(job_id, job["kind"], job["dataset"], job["params"] or {}, store)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_cancelled", True))
+    signal.signal(signal.SIGTERM, ctx._on_cancel)
     taskdef = TASKS.get(job["kind"])
     try:
         if taskdef is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
-        with _compute_slot(ctx, taskdef.lane):
+        with _compute_slot(ctx, job_lane(taskdef, ctx.params)):
             ctx.check_cancelled()
             store.execute("UPDATE jobs SET status = 'running', started_at = now(), updated_at = now(), pid = ?,"
                           " waiting_for = NULL, message = NULL WHERE id = ? AND status = 'queued'",
@@ -480,7 +517,7 @@ def _job_rows(store: Store, where: str, params: list) -> list[dict]:
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     for r in rows:
-        for key in ("params", "result", "waiting_for"):
+        for key in ("params", "result", "waiting_for", "ran_on"):
             if isinstance(r.get(key), str):
                 r[key] = json.loads(r[key])
     return rows

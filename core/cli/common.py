@@ -35,6 +35,11 @@ def add_detach_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detach", action="store_true", help="start the job and return at once")
 
 
+def add_ray_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", help="run the heavy stage on the Ray cluster at ADDRESS (auto,"
+                   " HOST:PORT; `local`: here); default: REDEX_RAY_ADDRESS, else here (docs/scale-out.md)")
+
+
 def add_linkage_flag(p) -> None:
     from core.redundancy.trees import LINKAGES
 
@@ -78,7 +83,12 @@ def check_out_folder(out: str, flag: str) -> Path:
 
 # -- starting and following a job --------------------------------------------------------------
 def start_job(args, kind: str, dataset: str, params: dict | None, what: str, after=None) -> int:
-    """Launch a job, say `what (job ID)`, then follow it (or not, with --detach)."""
+    """Launch a job, say `what (job ID)`, then follow it (or not, with --detach). A `--ray` flag goes
+    into the job's params (`core.scale.ray_address`)."""
+    from core.scale import check_address
+
+    if getattr(args, "ray", None) is not None:
+        params = {**(params or {}), "ray": check_address(args.ray)}
     job_id = jobs.launch(kind, dataset, params)
     print(f"{what} (job {job_id})")
     return run_or_detach(args, job_id, after=after)

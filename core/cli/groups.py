@@ -1,7 +1,7 @@
 """`redex cluster`, `redex subset`, `redex export`: merge trees, and the subsets cut from them."""
 from __future__ import annotations
 
-from core.cli.common import (NEWEST_BACKBONE, add_command, add_detach_flag, add_linkage_flag,
+from core.cli.common import (NEWEST_BACKBONE, add_command, add_detach_flag, add_linkage_flag, add_ray_flag,
                              add_representative_flag, check_out_file, check_out_folder, start_job)
 
 
@@ -9,6 +9,7 @@ def add_parsers(sub) -> None:
     cl = add_command(sub, "cluster", cmd_cluster, "class-wise agglomerative merge trees (cached; a job)")
     add_linkage_flag(cl)
     cl.add_argument("--backbone-id", help=NEWEST_BACKBONE)
+    add_ray_flag(cl)
     add_detach_flag(cl)
 
     sp = _subset_command(sub, "subset", cmd_subset,

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import sys
 
-from core import jobs
-from core.cli.common import (CliError, add_command, add_detach_flag, add_linkage_flag, add_representative_flag,
-                             run_or_detach)
+from core import wording
+from core.cli.common import (CliError, add_command, add_detach_flag, add_linkage_flag, add_ray_flag,
+                             add_representative_flag, run_or_detach)
 from core.data import catalog
+from core.scale import check_address
 
 
 def add_parsers(sub) -> None:
@@ -24,6 +25,7 @@ def add_parsers(sub) -> None:
     rs.add_argument("--runs", action="store_true", help="every run, not the summary")
     rs.add_argument("--csv", action="store_true", help="CSV on standard output")
     rt = add_command(sub, "retry", cmd_retry, "train the failed and cancelled runs again")
+    add_ray_flag(rt)
     add_detach_flag(rt)
 
 
@@ -43,6 +45,7 @@ def _recipe_flags(sp) -> None:
     add_linkage_flag(sp)
     add_representative_flag(sp)
     sp.add_argument("--force", action="store_true", help="train identical finished runs again")
+    add_ray_flag(sp)
     add_detach_flag(sp)
 
 
@@ -63,9 +66,11 @@ def _launch_sweep(args, spec) -> int:
     from core.subsets import plan, sweeps
 
     est = plan.estimate(args.name, spec)
-    sweep_id, job_id = sweeps.launch_sweep(args.name, spec)
-    print(f"sweep {sweep_id} (job {job_id}): {est['runs']} runs, about {jobs.format_seconds(est['seconds'])}"
-          f" ({est['speed_source']}); identical finished runs are reused")
+    sweep_id, job_id = sweeps.launch_sweep(args.name, spec, ray=check_address(args.ray))
+    took = f"about {wording.duration(est['seconds'])} ({est['speed_source']})" if est["seconds"] is not None \
+        else est["speed_source"]
+    print(f"sweep {sweep_id} (job {job_id}): {wording.plural(est['runs'], 'run')}, {took};"
+          " identical finished runs are reused")
     return run_or_detach(args, job_id, after=lambda: _print_results(args.name))
 
 
@@ -110,7 +115,7 @@ def cmd_results(args) -> int:
 def cmd_retry(args) -> int:
     from core.subsets import sweeps
 
-    started = sweeps.retry(args.name)
+    started = sweeps.retry(args.name, ray=check_address(args.ray))
     if started is None:
         print(f"no failed or cancelled runs for {args.name!r}")
         return 0

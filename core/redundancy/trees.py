@@ -23,6 +23,7 @@ cumulative sum; representatives are a sparse group-sum and segment reductions ov
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -111,12 +112,14 @@ def build_class_tree(
     part_size: int = PART_SIZE,
     seed: int = 0,
     progress: Progress | None = None,
+    map_parts: Callable = map,
 ) -> ClassTree:
     """Agglomerative tree of one class's embeddings `emb` [n, D] under cosine dissimilarity.
 
     Exact for n <= exact_limit; above it, the bounded-memory approximation of the module docstring
     (parts of at most min(part_size, exact_limit) members). `progress(done, total)` counts finished
-    parts (one for an exact tree).
+    parts (one for an exact tree). `map_parts(fn, parts)` computes the parts' exact trees, in order
+    (default: one after the other here; `core.scale` passes one that runs them as Ray tasks).
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
@@ -138,7 +141,7 @@ def build_class_tree(
     else:
         parts = partition(unit, min(part_size, exact_limit), seed)
         meta["n_parts"] = len(parts)
-        z = _approximate_linkage(unit, parts, linkage, seed, progress)
+        z = _approximate_linkage(unit, parts, linkage, seed, progress, map_parts)
     return ClassTree.from_linkage(z, meta)
 
 
@@ -205,10 +208,10 @@ def partition(unit: np.ndarray, part_size: int, seed: int) -> list[np.ndarray]:
 
 
 def _approximate_linkage(unit: np.ndarray, parts: list[np.ndarray], method: str, seed: int,
-                         progress: Progress | None) -> np.ndarray:
+                         progress: Progress | None, map_parts: Callable = map) -> np.ndarray:
     """Linkage float64 [n-1, 4] over all rows: exact trees inside `parts`, then the parts agglomerated."""
     n = len(unit)
-    children, heights, sizes, roots, root_heights = _part_trees(unit, parts, method, progress)
+    children, heights, sizes, roots, root_heights = _part_trees(unit, parts, method, progress, map_parts)
     dist = _part_distances(unit, parts, method, np.random.default_rng(seed))
     top = _agglomerate(dist, np.array([len(p) for p in parts], np.float64), method)
     node_ids = np.concatenate([roots, n + len(heights) + np.arange(len(top))])
@@ -221,7 +224,8 @@ def _approximate_linkage(unit: np.ndarray, parts: list[np.ndarray], method: str,
                      np.concatenate([sizes, [size for *_, size in top]]))
 
 
-def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress: Progress | None):
+def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress: Progress | None,
+                map_parts: Callable = map):
     """Exact trees of the parts as merges over global ids (ids >= n: n + position in the list).
 
     Returns children int64 [m, 2], heights [m], sizes [m] (m = n - P), and per part its root id
@@ -231,8 +235,8 @@ def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress
     children, heights, sizes = [], [], []
     roots, root_heights = np.empty(len(parts), np.int64), np.zeros(len(parts))
     done = 0
-    for p, idx in enumerate(parts):
-        z = exact_linkage(unit[idx], method)
+    part_linkages = map_parts(functools.partial(exact_linkage, method=method), (unit[idx] for idx in parts))
+    for p, (idx, z) in enumerate(zip(parts, part_linkages)):
         ids = np.concatenate([idx, n + done + np.arange(len(z))])  # part-local id -> global id
         children.append(ids[z[:, :2].astype(np.int64)])
         heights.append(z[:, 2])

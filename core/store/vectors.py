@@ -9,7 +9,9 @@ ranker and image) are the same thing to the store: a table of `(key, image_id, F
 - `compute_and_store`: computes those, `chunk` images at a time, and commits each chunk in its own
   write transaction, so a job killed half-way resumes where it stopped. The computing is a function
   the caller passes in (pixel-cache rows -> vectors) and the storing a separate step (`insert`), so
-  the computing can move elsewhere (another process, a cluster) while this process writes;
+  the computing can move elsewhere while this process writes: a `ModelCompute` (a model applied to
+  pixels in batches) runs on a Ray cluster when the job has a Ray address (`core.scale`), and the
+  vectors come back here to be stored in the same chunks;
 - `load`: a dataset's images that have a vector, by row, with the vectors as one numpy array;
 - `coverage`, `with_coverage`: how many of a dataset's images each key covers (the model lists show it);
 - `delete`: drops a key's vectors (a retrained model made them stale).
@@ -19,8 +21,9 @@ code, never from a user, and are checked to be plain identifiers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +33,21 @@ if TYPE_CHECKING:
     from core.jobs import JobContext
 
 Compute = Callable[[np.ndarray], np.ndarray]  # pixel-cache rows [n] -> float vectors [n, D]
+
+
+@dataclass(frozen=True)
+class ModelCompute:
+    """A compute step that is a model applied to a dataset's pixels, `batch_size` images at a time:
+    `apply(model, pixels uint8 [n, S, S, C], batch_size) -> float [n, D]`, a module-level function, so
+    the same step runs here (called with pixel-cache rows, like any `Compute`) or on a Ray cluster."""
+    dataset: str
+    model: Any = field(repr=False)
+    apply: Callable[[Any, np.ndarray, int], np.ndarray]
+    batch_size: int
+    pixels: np.ndarray = field(repr=False)  # the dataset's pixel cache, memory-mapped
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.apply(self.model, np.asarray(self.pixels[rows]), self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -86,13 +104,26 @@ class VectorTable:
             if reused:
                 ctx.log(f"resuming: {reused:,} of {total:,} images already {verb}")
         done = reused
-        for lo in range(0, len(rows), chunk):
-            part = rows[lo:lo + chunk]
-            self.insert(key, ids[lo:lo + chunk], compute(part), store)
-            done += len(part)
+        for part_ids, vectors in self._computed(dataset, rows, ids, compute, store, chunk, ctx):
+            self.insert(key, part_ids, vectors, store)
+            done += len(part_ids)
             if ctx:
                 ctx.progress(done, total, f"{verb} {done:,} / {total:,}", force=True)
-        return Filled(computed=int(len(rows)), reused=int(reused), total=int(total))
+        return Filled(computed=len(rows), reused=int(reused), total=int(total))
+
+    def _computed(self, dataset: str, rows: np.ndarray, ids: np.ndarray, compute: Compute, store: Store,
+                  chunk: int, ctx: JobContext | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(content ids, vectors) of the missing images, `chunk` at a time (the last one smaller)."""
+        from core.scale import ray_address
+
+        address = ray_address(ctx.params if ctx else None) if isinstance(compute, ModelCompute) else None
+        if address is None or not len(rows):
+            for lo in range(0, len(rows), chunk):
+                yield ids[lo:lo + chunk], compute(rows[lo:lo + chunk])
+            return
+        from core.scale.vectors import on_cluster
+
+        yield from on_cluster(address, dataset, rows, ids, compute, store, chunk, ctx)
 
     def insert(self, key: str, image_ids: Iterable[str], vectors: np.ndarray, store: Store) -> None:
         """Store `vectors` (float [n, D]) of `image_ids` under `key` in one write transaction (Arrow

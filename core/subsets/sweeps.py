@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core import jobs
+from core import estimates, jobs, wording
 from core.data.catalog import get_dataset, images_table, load_pixels
 from core.jobs import JobCancelled, JobContext, task
+from core.scale import ray_address
 from core.store.db import Store, get_store, to_json
 from core.subsets.plan import (
     Selection,
@@ -24,36 +24,34 @@ from core.subsets.plan import (
 )
 from core.subsets.results import get_run, refresh_runs
 
-if TYPE_CHECKING:
-    pass
-
-
 RUN_ACTIVE = ("pending", "running")
 
 
 # -- sweeps ------------------------------------------------------------------------------------
-def launch_sweep(name: str, spec: SweepSpec, store: Store | None = None) -> tuple[int, int]:
-    """Record the sweep and start its scheduler job. Returns (sweep id, job id)."""
+def launch_sweep(name: str, spec: SweepSpec, store: Store | None = None, *, ray: str | None = None) -> tuple[int, int]:
+    """Record the sweep and start its scheduler job. Returns (sweep id, job id). `ray`: the Ray cluster
+    its runs train on ('local' for here; default `REDEX_RAY_ADDRESS`, see `core.scale`)."""
     store = store or get_store()
     get_dataset(name, store)
     eval_split(name, store)           # fail here, not in the job, when there is nothing to evaluate on
     base_recipe(name, spec, store)    # ... or the recipe is bad
     resolve_selection(name, spec, store)
-    return _launch(name, {"grid": spec.to_dict()}, store)
+    return _launch(name, {"grid": spec.to_dict()}, store, ray)
 
 
-def retry(name: str, store: Store | None = None) -> tuple[int, int] | None:
+def retry(name: str, store: Store | None = None, *, ray: str | None = None) -> tuple[int, int] | None:
     """Start a sweep of this dataset's failed and cancelled runs; None when there are none."""
     store = store or get_store()
     keys = [k for (k,) in store.query("SELECT run_key FROM train_runs WHERE dataset = ? AND status IN"
                                       " ('failed', 'cancelled') ORDER BY created_at", [name])]
-    return _launch(name, {"retry": keys}, store) if keys else None
+    return _launch(name, {"retry": keys}, store, ray) if keys else None
 
 
-def _launch(name: str, spec: dict, store: Store) -> tuple[int, int]:
+def _launch(name: str, spec: dict, store: Store, ray: str | None = None) -> tuple[int, int]:
     sweep_id = store.execute("INSERT INTO sweeps (dataset, spec) VALUES (?, ?) RETURNING id",
                              [name, to_json(spec)])[0][0]
-    job_id = jobs.launch("sweep", name, {"sweep_id": sweep_id}, store=store)
+    job_id = jobs.launch("sweep", name, {"sweep_id": sweep_id, **({"ray": ray} if ray is not None else {})},
+                         store=store)
     store.execute("UPDATE sweeps SET job_id = ? WHERE id = ?", [job_id, sweep_id])
     return sweep_id, job_id
 
@@ -77,7 +75,8 @@ def run_sweep(name: str, sweep_id: int, ctx: JobContext) -> dict:
         todo, reused = [k for k in keys if k in mine], 0  # not those another sweep has retried meanwhile
     else:
         todo, reused = _plan_and_record(name, SweepSpec.from_dict(spec["grid"]), sweep_id, ctx)
-    ctx.phase(f"{len(todo)} training runs", total=len(todo))
+    ctx.phase(wording.plural(len(todo), "training run") + (f" ({wording.plural(reused, 'identical finished run')}"
+                                                            " reused)" if reused else ""), total=len(todo))
     finished = _execute(todo, ctx)
     counts = {s: sum(1 for v in finished.values() if v == s) for s in ("done", "failed", "cancelled")}
     ctx.log(f"sweep {sweep_id}: {counts['done']} done, {counts['failed']} failed, {reused} reused")
@@ -96,7 +95,8 @@ def _plan_and_record(name: str, spec: SweepSpec, sweep_id: int, ctx: JobContext)
                               [[p.run_key for p in plans]]))
     busy = [p for p in plans if status.get(p.run_key) in RUN_ACTIVE]  # in another live sweep
     if busy:
-        ctx.log(f"{len(busy)} identical runs are already queued or running in another sweep: not started twice")
+        ctx.log(f"{wording.plural(len(busy), 'identical run')} already queued or running in another sweep:"
+                " not started twice")
     todo = [p for p in plans if status.get(p.run_key) not in RUN_ACTIVE
             and (spec.force or status.get(p.run_key) != "done")]
     with store.write() as con:
@@ -107,7 +107,8 @@ def _plan_and_record(name: str, spec: SweepSpec, sweep_id: int, ctx: JobContext)
                 [p.run_key, name, sweep_id, p.method, p.fraction, p.seed, to_json(p.selection),
                  to_json(p.recipe.to_dict()), p.subset_fp, p.n_train])
     reused = len(plans) - len(todo) - len(busy)
-    ctx.log(f"planned {len(plans)} runs: {len(todo)} to train, {reused} identical runs already done")
+    ctx.log(f"planned {wording.plural(len(plans), 'run')}: {len(todo)} to train,"
+            f" {wording.plural(reused, 'identical run')} already done")
     return [p.run_key for p in todo], reused
 
 
@@ -118,7 +119,8 @@ def _ensure_trees(name: str, selection: Selection, ctx: JobContext) -> None:
     if clusterings.tree_status(name, selection.backbone_id, selection.linkage, ctx.store)["stale"] == 0:
         return
     ctx.phase("building the merge trees")
-    child = jobs.launch("cluster", name, {"backbone_id": selection.backbone_id, "linkage": selection.linkage},
+    child = jobs.launch("cluster", name, {"backbone_id": selection.backbone_id, "linkage": selection.linkage,
+                                          **_on_ray(ctx)},
                         store=ctx.store)
     ctx.log(f"the semantic subset needs the {selection.linkage}-linkage trees: cluster job {child}")
     job = _wait_for(child, ctx)
@@ -140,13 +142,22 @@ def _wait_for(job_id: int, ctx: JobContext) -> dict:
 
 
 def _execute(keys: list[str], ctx: JobContext) -> dict[str, str]:
-    """Launch a `train` job per run, at most `jobs.max_parallel()` at once; returns key -> final status."""
+    """Launch a `train` job per run, at most `jobs.max_parallel()` at once (on a Ray cluster: as many as
+    it holds); returns key -> final status."""
     store, queue, active, finished = ctx.store, list(keys), {}, {}
+    address = ray_address(ctx.params)
+    if address is not None and keys:
+        from core.scale.runs import run_capacity
+
+        at_once = run_capacity(address)
+        ctx.log(f"on Ray at {address}: up to {at_once} runs at once")
+    else:
+        at_once = jobs.max_parallel()
     try:
         while queue or active:
-            while queue and len(active) < jobs.max_parallel():
+            while queue and len(active) < at_once:
                 key = queue.pop(0)
-                job_id = jobs.launch("train", ctx.dataset, {"run_key": key}, store=store)
+                job_id = jobs.launch("train", ctx.dataset, {"run_key": key, **_on_ray(ctx)}, store=store)
                 store.execute("UPDATE train_runs SET job_id = ? WHERE run_key = ?", [job_id, key])
                 active[key] = job_id
             for key, job_id in list(active.items()):
@@ -185,7 +196,7 @@ def _settle(store: Store, key: str, job: dict) -> str:
 
 
 # -- one run -----------------------------------------------------------------------------------
-@task("train")
+@task("train", ray_lane="light")  # on a Ray cluster a run takes no compute slot here
 def _train_task(ctx: JobContext) -> dict:
     key = ctx.params["run_key"]
     try:
@@ -219,22 +230,50 @@ def train_run(key: str, store: Store | None = None, ctx: JobContext | None = Non
     held = images_table(name, store, split=split)
     pixels = load_pixels(name, store)
     store.execute("UPDATE train_runs SET status = 'running' WHERE run_key = ?", [key])
+    batch = recipe.batch_for(len(table))  # progress counts images (steps x batch): the rate reads in images/s
     if ctx:
         ctx.phase(f"train {run['method']} {run['fraction']:g} seed {run['seed']} ({len(table):,} images,"
-                  f" eval on {split})", total=recipe.total_steps(len(table)))
+                  f" eval on {split})", total=recipe.total_steps(len(table)) * batch)
         ctx.log(f"recipe: {to_json(recipe.to_dict())}")
-    _, metrics = train_backbone(
-        f"trained:{recipe.arch}", np.asarray(pixels[table.row.to_numpy()]), label_indices(table.label, classes),
-        len(classes), recipe=recipe, eval_images=np.asarray(pixels[held.row.to_numpy()]),
-        eval_labels=label_indices(held.label, classes),
-        progress=(lambda done, total, info: ctx.progress(done, total, progress_message(info))) if ctx else None,
-        should_stop=ctx.should_stop if ctx else None)
+    report = ((lambda done, total, info: ctx.progress(done * batch, total * batch, progress_message(info)))
+              if ctx else None)
+    address = ray_address(ctx.params if ctx else None)
+    if address is not None:  # one Ray task with the run's resources; this job relays and stores
+        metrics = _train_on_cluster(address, name, store, recipe, table, held, classes, report, ctx)
+    else:
+        _, metrics = train_backbone(
+            f"trained:{recipe.arch}", np.asarray(pixels[table.row.to_numpy()]), label_indices(table.label, classes),
+            len(classes), recipe=recipe, eval_images=np.asarray(pixels[held.row.to_numpy()]),
+            eval_labels=label_indices(held.label, classes), progress=report,
+            should_stop=ctx.should_stop if ctx else None)
     metrics = {**metrics, "eval_split": split, "n_eval": len(held), "classes": classes, "n_train": len(table)}
+    estimates.record("train", estimates.training_key(recipe.arch, ds["image_size"], ds["channels"]),
+                     metrics["images_per_s"] * metrics["seconds"], metrics["seconds"])
     store.execute("UPDATE train_runs SET status = 'done', metrics = ?, error = NULL, finished_at = now()"
                   " WHERE run_key = ?", [to_json(metrics), key])
     if ctx:
         ctx.log(f"test top-1 {metrics['test_top1']:.4f} after {metrics['seconds']:.0f} s")
     return {"run_key": key, "test_top1": metrics["test_top1"], "seconds": metrics["seconds"]}
+
+
+def _train_on_cluster(address: str, name: str, store: Store, recipe, table, held, classes: list, report, ctx) -> dict:
+    """`train_backbone` of one run as a task on the Ray cluster at `address` (`core.scale.runs`)."""
+    from core.embed.embeddings import label_indices
+    from core.scale.data import paths_by_row, pixel_source
+    from core.scale.runs import train_on_cluster
+
+    paths = paths_by_row(name, store)
+
+    def part(frame):
+        rows = frame.row.to_numpy()
+        return rows, paths[rows], label_indices(frame.label, classes)
+    return train_on_cluster(address, pixel_source(name, store), f"trained:{recipe.arch}", part(table), len(classes),
+                            recipe, part(held), report, ctx)
+
+
+def _on_ray(ctx: JobContext) -> dict:
+    """The `ray` parameter a sweep hands to the jobs it starts (none: they read `REDEX_RAY_ADDRESS`)."""
+    return {"ray": ctx.params["ray"]} if ctx.params.get("ray") is not None else {}
 
 
 def active_sweeps(name: str, store: Store | None = None) -> list[dict]:

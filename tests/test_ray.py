@@ -1,0 +1,153 @@
+"""The heavy stages on a Ray cluster (core.scale): a local cluster started here (2 CPUs, stopped at the end of
+the module), real images, a real DuckDB file, real jobs and the real Jobs page."""
+import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from core import jobs
+from core.data import catalog, scan, sources
+from core.embed import embeddings
+from core.embed.backbones import DEFAULT_BACKBONE, build_model
+from core.redundancy import clusterings, trees
+from core.scale import cluster as ray_cluster
+from core.scale import data as ray_data
+from core.store.vectors import ModelCompute
+from core.subsets import plan, results, sweeps
+from tests.conftest import run_page, wait_until
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    """A local Ray cluster of 2 CPUs for the module; its address, which job processes join too. Its workers
+    write their pids to the file in REDEX_RAY_PID_FILE (the workers inherit the environment set here)."""
+    pid_file = tmp_path_factory.mktemp("ray") / "worker-pids"
+    os.environ["REDEX_RAY_PID_FILE"] = str(pid_file)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        os.environ.pop("REDEX_RAY_PID_FILE", None)
+
+
+@pytest.fixture
+def folder(store, image_folder):
+    """60 real Fashion-MNIST images (3 classes x 15 train + 5 test), scanned, and an untrained backbone."""
+    name = sources.register(str(image_folder), "rayset")
+    scan.scan(name, store)
+    return name, build_model(DEFAULT_BACKBONE, 3, 1, 28)
+
+
+@pytest.mark.slow
+def test_embedding_on_ray_survives_a_killed_worker_and_equals_the_local_one(ray_address, folder, store,
+                                                                             monkeypatch):
+    name, model = folder
+    pid_file = Path(os.environ["REDEX_RAY_PID_FILE"])
+    pid_file.write_text("")
+    monkeypatch.setenv("REDEX_RAY_ADDRESS", ray_address)
+    monkeypatch.setattr(ray_data, "BLOCK_ROWS", 8)  # 8 blocks, back in any order
+
+    def slow_embed(model, pixels, batch_size):  # pickled by value: 0.2 s a block, time to kill the worker
+        time.sleep(0.2)
+        return embeddings.embed_pixels(model, pixels, batch_size)
+
+    killed = []
+
+    def kill_after_first_chunk():
+        wait_until(lambda: store.query("SELECT count(*) FROM embeddings WHERE backbone_id = 'ray'")[0][0] > 0,
+                   timeout=120, what="the first chunk", poll=0.05)
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_after_first_chunk, daemon=True)
+    killer.start()
+    compute = ModelCompute(name, model, slow_embed, 64, catalog.load_pixels(name, store))
+    filled = embeddings.EMBEDDINGS.compute_and_store(name, "ray", compute, store, chunk=8, phase="embed",
+                                                     verb="embedded")
+    killer.join(5)
+    assert killed, "the worker must be killed while the embedding runs for this test to mean anything"
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert killed[0] in pids and len(pids) >= 2  # Ray started a new worker, which finished the job
+    assert (filled.computed, filled.total) == (60, 60)
+    monkeypatch.delenv("REDEX_RAY_ADDRESS")
+    assert embeddings.embed_dataset(name, model, "local", store=store)["embedded"] == 60
+    table, local = embeddings.load_embeddings(name, "local", store)
+    ray_table, on_ray = embeddings.load_embeddings(name, "ray", store)
+    assert list(ray_table.image_id) == list(table.image_id)
+    np.testing.assert_allclose(on_ray, local, rtol=1e-5, atol=1e-6)
+
+
+def test_workers_without_the_pixel_cache_decode_the_same_pixels_from_the_files(folder, store):
+    name, _ = folder
+    source = ray_data.pixel_source(name, store)
+    rows = np.array([0, 7, 31, 59])
+    paths = ray_data.paths_by_row(name, store)[rows]
+    cached = source.read(rows, paths)
+    decoded = dataclasses.replace(source, use_cache=False).read(rows, paths)
+    missing = dataclasses.replace(source, cache="/nowhere/pixels.npy").read(rows, paths)
+    np.testing.assert_array_equal(cached, np.asarray(catalog.load_pixels(name, store)[rows]))
+    np.testing.assert_array_equal(decoded, cached)
+    np.testing.assert_array_equal(missing, cached)
+
+
+def test_merge_trees_on_ray_are_the_local_ones(ray_address, folder, store, monkeypatch):
+    name, model = folder
+    embeddings.embed_dataset(name, model, "local", store=store)
+    monkeypatch.setenv("REDEX_RAY_ADDRESS", ray_address)
+    with monkeypatch.context() as here:  # no tree may be built in this process: one Ray task per class
+        here.setattr(trees, "build_class_tree", lambda *a, **k: pytest.fail("a tree was built on the driver"))
+        out = clusterings.cluster(name, "local", store=store)
+    assert (out["built"], out["reused"]) == (3, 0)
+    c = clusterings.load_clustering(name, "local", store=store)
+    for tree, emb, _ in c.classes.values():
+        np.testing.assert_array_equal(tree.linkage, trees.build_class_tree(emb, "complete").linkage)
+    # A big class's parts as tasks of their own: the same tree as the parts one after the other here.
+    emb = c.classes[next(iter(c.classes))][1]
+    small = {"exact_limit": 6, "part_size": 6}
+    fanned = trees.build_class_tree(emb, "complete", map_parts=ray_cluster.map_ordered, **small)
+    assert fanned.meta["n_parts"] >= 3
+    np.testing.assert_array_equal(fanned.linkage, trees.build_class_tree(emb, "complete", **small).linkage)
+
+
+@pytest.mark.slow
+def test_a_training_run_on_ray_shows_where_it_runs_and_cancels_from_the_app(ray_address, folder, store):
+    name, _ = folder
+    spec = plan.SweepSpec(fractions=(0.5,), methods=("random",), seeds=1, recipe={"epochs": 400, "batch_size": 8})
+    sweep_id, sweep_job = sweeps.launch_sweep(name, spec, store, ray=ray_address)
+
+    def training():  # the run's job, once its Ray task has reported progress back
+        df = results.runs(name, store)
+        live = df[(df.status == "running") & df.done.fillna(0).gt(0)]
+        return int(live.job_id.iloc[0]) if len(live) else None
+
+    train_job = wait_until(training, timeout=180, what="the run to train on the cluster")
+    job = jobs.get_job(train_job, store)
+    assert job["lane"] == "light" and job["ran_on"]["workers"] == 1 and job["ran_on"]["cpus"] == 2
+    assert ray.available_resources().get("CPU", 0) <= 1  # the task holds a CPU of the cluster
+
+    # The app stays responsive while the run trains on the cluster: the Jobs page renders, says where.
+    started = time.monotonic()
+    at = run_page("pages/jobs.py")
+    assert not at.exception and time.monotonic() - started < 30
+    table = at.dataframe[0].value.set_index("id")
+    assert table.loc[train_job, "ran on"].startswith(f"ray {ray_address} · 1 worker")
+    assert table.loc[sweep_job, "ran on"] == "local"
+    at.selectbox(key="job_detail").set_value(train_job).run()
+    at.button(key=f"cancel-{train_job}").click().run()
+    assert not at.exception
+    job = jobs.get_job(train_job, store)
+    assert job["status"] == "cancelled", jobs.log_tail(job)
+    wait_until(lambda: results.get_run(results.runs(name, store).run_key.iloc[0], store)["status"] == "cancelled",
+               what="the run to be cancelled")
+    wait_until(lambda: ray.available_resources().get("CPU", 0) == 2, timeout=60,
+               what="the cluster to free the cancelled task's CPU")
+    assert jobs.wait(sweep_job, store, timeout=60)["status"] == "done"
+    assert sweeps.active_sweeps(name, store) == [] and sweep_id
