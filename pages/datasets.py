@@ -1,11 +1,10 @@
 """Datasets: add a dataset, see its classes, problem files and images, and embed it."""
 import streamlit as st
 
-from core import jobs
+from core import estimates, jobs, wording
 from core.cli.doctor import save_record
 from core.data import catalog, sources
-from core.embed import embeddings
-from core.embed.backbones import DEFAULT_BACKBONE
+from core.embed import embeddings, timm_models
 from core.embed.timm_models import BackboneUnavailable
 from pages import widgets
 
@@ -60,22 +59,25 @@ with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
                 added(name)
 
 
-def active_jobs(name: str) -> None:
-    """This dataset's newest jobs, live while one is active (the fragment polls only then); reruns the
-    page when one it watched ends."""
-    first = [jobs.list_jobs(dataset=name, limit=5)]
+def job_lines(name: str, kinds: tuple[str, ...], count: int, key: str) -> None:
+    """The newest `count` jobs of `kinds` of this dataset, where their button is: live while one is active
+    (the fragment polls only then); the page reruns when one it watched ends."""
+    def newest() -> list[dict]:
+        return [j for j in jobs.list_jobs(dataset=name, limit=30) if j["kind"] in kinds][:count]
+
+    first = [newest()]
     polling = any(j["status"] in jobs.ACTIVE for j in first[0])
 
     @st.fragment(run_every=widgets.poll_every(polling))
     def live() -> None:
-        rows = first.pop() if first else jobs.list_jobs(dataset=name, limit=5)  # fresh on its own reruns
+        rows = first.pop() if first else newest()  # fresh on its own reruns
         active = {j["id"] for j in rows if j["status"] in jobs.ACTIVE}
-        seen = st.session_state.setdefault("active_seen", set())
+        seen = st.session_state.setdefault(key, set())
         if seen - active or (polling and not active):  # a watched job has ended: refresh the page
-            st.session_state["active_seen"] = active
+            st.session_state[key] = active
             st.rerun(scope="app")
         seen.update(active)
-        for job in rows[:3]:
+        for job in rows:
             widgets.job_status(job)
 
     live()
@@ -121,7 +123,7 @@ def remove_panel(name: str) -> None:
 
 
 remove_panel(name)
-active_jobs(name)
+job_lines(name, ("scan",), 1, "scan_seen")  # the scan, by the dataset it belongs to; embedding: by its button
 
 ds = catalog.get_dataset(name)
 if ds["scanned_at"] is None:
@@ -131,11 +133,14 @@ if ds["scanned_at"] is None:
 counts = catalog.class_counts(name)
 problems = catalog.problems_table(name)
 skipped = int((problems.severity == "skipped").sum())
-c1, c2, c3, c4 = st.columns(4)
+c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
 c1.metric("Images", f"{int(counts.total.sum()):,}")
 c2.metric("Classes", len(counts))
 c3.metric("Skipped files", skipped)
-c4.metric("Working size", f"{ds['image_size']}px × {ds['channels']}")
+size, colour = wording.image_format(ds["image_size"], ds["channels"]).split(", ", 1)
+c4.metric("Working size", size, help="Every image is decoded once to this size and colour mode, and every"
+          " computation uses it.")
+c4.caption(colour)
 st.caption("Source:")
 st.code(str(ds["source"]), language=None)
 
@@ -164,13 +169,37 @@ widgets.image_grid(catalog.load_pixels(name), shown.row.to_numpy())
 st.subheader("Embeddings")
 backs = embeddings.list_backbones(name)
 if not backs.empty:
-    st.dataframe(backs[["backbone_id", "dim", "embedded", "accuracy", "eval_split", "created_at"]], hide_index=True,
-                 column_config={"accuracy": st.column_config.NumberColumn(format="%.4f",
-                                                                          help="of the trained backbone")})
+    labels = wording.plain_labels(backs.backbone_id)
+    shown_backs = backs.assign(backbone=backs.backbone_id.map(labels), accuracy=100 * backs.accuracy)
+    st.dataframe(shown_backs[["backbone", "embedded", "dim", "accuracy", "eval_split", "created_at", "backbone_id"]],
+                 hide_index=True, column_config={
+                     "embedded": st.column_config.NumberColumn("images embedded", format="%d"),
+                     "dim": st.column_config.NumberColumn("dimensions"),
+                     "accuracy": st.column_config.NumberColumn("accuracy %", format="%.2f",
+                                                               help="of the trained backbone, on eval_split"),
+                     "backbone_id": st.column_config.TextColumn("id", help="the id the CLI takes")})
+@st.cache_data(ttl=120, show_spinner=False)
+def backbone_choices() -> list:
+    """What can run here now and why not (HF cache, HF_HUB_OFFLINE, one short Hub probe), for 2 minutes."""
+    return timm_models.backbone_choices()
+
+
+choices = backbone_choices()
+reasons = {c.spec: c.reason for c in choices}
+blocked = [c for c in choices if not c.can_run]
+if blocked:
+    with st.expander(f"Backbones that cannot run here now ({len(blocked)})"):
+        for c in blocked:
+            st.caption(f"**{widgets.md_text(c.spec)}**: {widgets.md_text(c.reason)}")
 with st.form("embed"):
-    spec = st.text_input("Backbone", DEFAULT_BACKBONE,
-                         help="trained:<arch> trains a classifier on this dataset's train split (the paper's way);"
-                              " timm:<name> uses pretrained timm weights from the local cache or a checkpoint.")
+    picked = st.selectbox("Backbone", [c.spec for c in choices if c.can_run],
+                          format_func=lambda s: f"{s} ({reasons[s]})" if s.startswith("timm:") else s,
+                          help="Backbones that can run here now. trained:<arch> trains a classifier on this dataset's"
+                               " train split (the paper's way); timm:<name> uses pretrained timm weights from the"
+                               " Hugging Face cache (or downloads them) and reads each image at its pretrained size.")
+    other = st.text_input("Other backbone (optional)", placeholder="timm:NAME",
+                          help="Any trained:<arch> or timm:<name>; with a checkpoint file below, any timm model.")
+    spec = other.strip() or picked
     epochs = st.number_input("Training epochs (0 = the recipe's default)", min_value=0, value=0)
     checkpoint = st.text_input("Checkpoint file (timm backbones, optional)")
     if st.form_submit_button("Embed all images", type="primary"):
@@ -182,3 +211,16 @@ with st.form("embed"):
         else:
             jobs.launch("embed", name, params)
             st.rerun()
+
+
+def embed_estimate(name: str, spec: str, epochs: int) -> None:
+    """How long the embedding job would take here, from this machine's measured speed under its load now."""
+    try:
+        est = estimates.embed_estimate(name, spec, int(epochs) or None)
+    except (ValueError, OSError, BackboneUnavailable):
+        return  # a bad spec is said when the form is submitted
+    st.caption(f"{widgets.md_text(wording.plain(spec))}: {est.text()}")
+
+
+embed_estimate(name, spec, epochs)
+job_lines(name, ("embed",), 1, "embed_seen")  # the embedding job's progress, by its button

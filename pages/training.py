@@ -6,7 +6,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs
+from core import jobs, wording
 from core.data import catalog
 from core.embed import embeddings
 from core.embed.backbones import list_archs
@@ -56,13 +56,15 @@ with st.expander("New sweep", expanded=all_runs.empty):
         backs = embeddings.list_backbones(name)
         backs = backs[backs.embedded > 0]
         if backs.empty:
-            st.warning("The semantic subset needs embeddings: start an embedding job on the **Datasets** page.")
+            if not widgets.embeddings_in_progress(name, "sweep_embed_waiting"):
+                st.warning("The semantic subset needs embeddings: start an embedding job on the **Datasets** page.")
         else:
             s1, s2, s3 = st.columns(3)
-            bid = s1.selectbox("Backbone", list(backs.backbone_id), key="sweep_backbone")
-            linkage = s2.selectbox("Linkage", LINKAGES, key="sweep_linkage",
+            with s1:
+                bid = widgets.backbone_picker(list(backs.backbone_id), "sweep_backbone")
+            linkage = s2.selectbox("Linkage", LINKAGES, key="sweep_linkage", format_func=wording.plain,
                                    index=LINKAGES.index(st.session_state.get("groups_linkage", "complete")))
-            rep = s3.selectbox("Representative", REPRESENTATIVES, key="sweep_rep",
+            rep = s3.selectbox("Kept image of each group", REPRESENTATIVES, key="sweep_rep", format_func=wording.plain,
                                index=REPRESENTATIVES.index(st.session_state.get("representative", "nearest_mean")))
             selection = {"backbone_id": bid, "linkage": linkage, "representative": rep}
     force = st.checkbox("Train identical runs again", key="sweep_force",
@@ -73,16 +75,55 @@ with st.expander("New sweep", expanded=all_runs.empty):
         spec = plan.SweepSpec(fractions=tuple(sorted(fractions, reverse=True)), methods=tuple(methods),
                                  seeds=int(seeds), recipe=recipe, budget=budget, selection=selection, force=force)
         est = plan.estimate(name, spec)
-        st.info(f"{est['runs']} runs, {est['images']:,} training images to process: about "
-                f"**{jobs.format_seconds(est['seconds'])}** at {est['images_per_s']:,.0f} images/s"
-                f" ({est['speed_source']}), {est['parallel']} run(s) at once (REDEX_MAX_JOBS)."
+        took = (f"about **{wording.duration(est['seconds'])}** ({est['speed_source']})" if est["seconds"] is not None
+                else f"time unknown: {est['speed_source']}")
+        st.info(f"{wording.plural(est['runs'], 'run')}, {wording.plural(est['images'], 'training image')} to"
+                f" process: {took}; {wording.plural(est['parallel'], 'run')} at once (REDEX_MAX_JOBS)."
                 " Identical finished runs are reused and take no time.")
         if st.button("Launch sweep", type="primary", key="launch_sweep"):
             sweep_id, job_id = sweeps.launch_sweep(name, spec)
-            st.toast(f"sweep {sweep_id} started (job {job_id})")
+            st.session_state["launched_sweep"] = {"dataset": name, "sweep_id": sweep_id, "job_id": job_id}
             st.rerun()
     except (plan.SubsetTrainingError, ValueError) as exc:
         st.error(widgets.md_text(exc))
+
+
+def launched_sweep() -> None:
+    """What became of the sweep this session launched, by the button: planning, how many runs it trains and
+    how many identical finished runs it reused (all of them: nothing to train), then its outcome."""
+    mine = st.session_state.get("launched_sweep")
+    if not mine or mine["dataset"] != name:
+        return
+    first = [jobs.get_job(mine["job_id"])]
+    polling = first[0] is not None and first[0]["status"] in jobs.ACTIVE
+
+    @st.fragment(run_every=widgets.poll_every(polling))
+    def outcome() -> None:
+        job = first.pop() if first else jobs.get_job(mine["job_id"])
+        if job is None:
+            return
+        if polling and job["status"] not in jobs.ACTIVE:
+            st.rerun(scope="app")  # it has ended: show the outcome and the new results, stop polling
+        head = f"Sweep {mine['sweep_id']}"
+        if job["status"] in jobs.ACTIVE:
+            st.info(widgets.md_text(f"{head} started: {jobs.describe(job)['text']}. Its runs are listed under Runs."))
+            return
+        r = job.get("result") or {}
+        reused, trained = int(r.get("reused") or 0), int(r.get("done") or 0)
+        if job["status"] == "done" and not r.get("runs"):
+            st.info(f"{head}: every run ({wording.plural(reused, 'identical finished run')}) was reused; nothing"
+                    " was trained. Tick *Train identical runs again* to train them anew.")
+        elif job["status"] == "done":
+            st.success(f"{head} finished: {wording.plural(trained, 'run')} trained"
+                       + (f", {wording.plural(reused, 'identical finished run')} reused" if reused else "")
+                       + (f", {r.get('failed')} failed" if r.get("failed") else "") + ".")
+        else:
+            widgets.job_status(job)
+
+    outcome()
+
+
+launched_sweep()
 
 
 def live_runs() -> None:
@@ -113,11 +154,13 @@ def live_runs() -> None:
         else:
             done, total = (pd.to_numeric(df[c], errors="coerce").astype(float) for c in ("done", "total"))
             progress = (done / total.where(total > 0)).where(df.status != "done", 1.0)  # NaN: no job yet
-            shown = df.assign(progress=progress, test_top1=df.test_top1 * 100)
+            shown = df.assign(progress=progress, test_top1=df.test_top1 * 100, error=df.error.fillna(""))
             st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
                                 "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True,
                          key="runs_table",
-                         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0,
+                         column_config={"n_train": st.column_config.NumberColumn("training images", format="%d"),
+                                        "error": st.column_config.TextColumn("error"),
+                                        "progress": st.column_config.ProgressColumn("progress", min_value=0.0,
                                                                                     max_value=1.0),
                                         "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
                                         "seconds": st.column_config.NumberColumn(format="%.0f")})
@@ -146,7 +189,7 @@ described = {t: json.loads(done[done.recipe_tag == t].recipe.iloc[0]) for t in t
 def describe_recipe(tag: str) -> str:
     r = described[tag]
     budget = f"{r['steps']} steps" if r.get("budget") == "steps" else f"{r['epochs']} epochs"
-    return f"{r['arch']}, {budget}, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g}, {r['augmentation']}"
+    return f"{wording.arch_name(r['arch'])}, {budget}, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g}, {r['augmentation']}"
 
 
 tag = st.selectbox("Recipe", tags, format_func=describe_recipe, key="results_recipe") if len(tags) > 1 else tags[0]
@@ -168,28 +211,44 @@ for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
     fig.add_trace(go.Scatter(
         x=rows.n_train, y=100 * rows.top1_mean, error_y={"type": "data", "array": 100 * rows.top1_std},
         mode="lines+markers", name=method, line={"color": color},
-        text=[f"fraction {fr:g}, {s} seed(s)" for fr, s in zip(rows.fraction, rows.seeds)],
+        text=[f"fraction {fr:g}, {wording.plural(int(s), 'seed')}" for fr, s in zip(rows.fraction, rows.seeds)],
         hovertemplate="%{x:,.0f} images: %{y:.2f} %<br>%{text}<extra>" + method + "</extra>"))
+sizes = sorted({int(n) for n in table.n_train.round()})
 fig.update_layout(xaxis_title="training images (subset size)", yaxis_title="test top-1 accuracy (%)",
-                  legend_title="subset", height=460)
+                  legend_title="subset", height=420, margin={"t": 30, "b": 10})
+# Ticks at the subset sizes themselves, whole images in one format (no '5,999.5' between two sizes).
+fig.update_xaxes(tickvals=sizes, ticktext=[f"{n:,}" for n in sizes], tickformat=",d")
 st.plotly_chart(fig, key="accuracy_plot")
-st.dataframe(results.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "backbone_id"]],
-             hide_index=True, key="summary_table")
+shown_summary = results.with_top1_text(table)
+shown_summary["backbone"] = [wording.plain(b) if b else "" for b in shown_summary.backbone_id]
+st.dataframe(shown_summary[["method", "fraction", "n_train", "seeds", "top1", "backbone", "backbone_id"]],
+             hide_index=True, key="summary_table", column_config={
+                 "n_train": st.column_config.NumberColumn("training images", format="%d"),
+                 "top1": st.column_config.TextColumn("test top-1 %", help="mean ± std over the seeds"),
+                 "backbone": st.column_config.TextColumn("backbone (semantic subsets)"),
+                 "backbone_id": st.column_config.TextColumn("backbone id")})
 
 st.subheader("Per-class accuracy against the full set")
 choices = done[(done.recipe_tag == tag) & (done.method != "full")]
 if choices.empty:
     st.caption("Train a subset to compare it class by class with the full set.")
 else:
-    key = st.selectbox("Run", list(choices.run_key), key="delta_run",
-                       format_func=lambda k: (lambda r: f"{r.method} {r.fraction:g} seed {r.seed} · "
-                                              f"{100 * r.test_top1:.2f} %")(choices[choices.run_key == k].iloc[0]))
+    run_names = {r.run_key: f"{r.method} {r.fraction:g} seed {r.seed} · {100 * r.test_top1:.2f} %"
+                 for r in choices.itertuples()}
+    key = st.selectbox("Run", list(choices.run_key), key="delta_run", format_func=run_names.get)
     deltas = results.per_class_deltas(name, key)
-    if "delta" in deltas:
+    if "delta" not in deltas:
+        st.info("No full-set run with this recipe yet, so there is nothing to compare with: below is this run's own"
+                " accuracy per class. Launch a sweep with fraction 1.0 (and this recipe) to see the differences.")
+    else:
         deltas = deltas.assign(label=widgets.chart_text(deltas.label))
         fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
                      color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})
         fig.update_layout(showlegend=False, height=360)
         fig.update_xaxes(categoryorder="array", categoryarray=list(deltas.label))  # classes in order, not by colour
         st.plotly_chart(fig, key="delta_plot")
-    st.dataframe(deltas, hide_index=True, key="delta_table")
+    percent = {c: 100 * deltas[c] for c in ("accuracy", "full_accuracy", "delta") if c in deltas}
+    st.dataframe(deltas.assign(**percent), hide_index=True, key="delta_table", column_config={
+        "label": "class", "accuracy": st.column_config.NumberColumn("this run %", format="%.1f"),
+        "full_accuracy": st.column_config.NumberColumn("full set %", format="%.1f"),
+        "delta": st.column_config.NumberColumn("difference (points)", format="%+.1f")})

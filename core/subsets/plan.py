@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from core import jobs
+from core import estimates, jobs
 from core.data.catalog import get_dataset, images_table
 from core.redundancy.cuts import REPRESENTATIVES, groups_for_fraction
 from core.store.db import Store, get_store, to_json
@@ -38,11 +38,6 @@ DEFAULT_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.5)
 DEFAULT_SEEDS = 3
 BUDGET_RULES = ("epochs", "steps")        # same epochs as the full run, or the same optimisation steps
 EVAL_SPLITS = ("test", "val")
-
-
-# Training speed (images/s) assumed for a time estimate before anything ran on this machine:
-# resnet8s2 at 28 px on 2 CPU cores (bench/embed.py: 2,173 img/s), scaled by pixels and width.
-FALLBACK_IMAGES_PER_S = {"cpu": 2000.0, "cuda": 40000.0, "mps": 8000.0}
 
 
 # Seconds each run spends outside its training loop: process start, imports, data, evaluation
@@ -252,25 +247,13 @@ def plan_runs(name: str, spec: SweepSpec, store: Store | None = None, clustering
 
 
 # -- estimates ---------------------------------------------------------------------------------
-def training_speed(name: str, arch: str, store: Store | None = None) -> tuple[float, str]:
-    """Images/s of training `arch` here: the median of finished runs of this dataset, else the
-    backbone training of it, else an assumed figure. Returns (speed, where it comes from)."""
-    store = store or get_store()
-    rows = store.query("SELECT TRY_CAST(metrics->>'images_per_s' AS DOUBLE) FROM train_runs WHERE dataset = ?"
-                       " AND status = 'done' AND recipe->>'arch' = ? ORDER BY finished_at DESC LIMIT 9", [name, arch])
-    speeds = [r[0] for r in rows if r[0]]
-    if speeds:
-        return float(np.median(speeds)), f"median of {len(speeds)} finished runs"
-    rows = store.query("SELECT TRY_CAST(metrics->>'images_per_s' AS DOUBLE) FROM backbones WHERE dataset = ?"
-                       " AND spec = ? ORDER BY created_at DESC LIMIT 1", [name, f"trained:{arch}"])
-    if rows and rows[0][0]:
-        return float(rows[0][0]), "the backbone training of this dataset"
-    from core.device import pick_device
-
+def training_speed(name: str, arch: str, store: Store | None = None):
+    """This machine's training speed for `arch` on `name`'s image format, from its newest measurement
+    (`core.estimates`: recorded by every backbone and subset training run here), carried over to the load
+    now. Returns an `estimates.Estimate` of no images; its `rate` is None when nothing was measured yet:
+    no speed is assumed."""
     ds = get_dataset(name, store)
-    device = pick_device().type
-    scale = (28 / ds["image_size"]) ** 2 * (1 if ds["channels"] == 1 else 0.8)
-    return FALLBACK_IMAGES_PER_S.get(device, 2000.0) * scale, f"an assumed {device} speed"
+    return estimates.estimate("train", estimates.training_key(arch, ds["image_size"], ds["channels"]), 0)
 
 
 def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str, Any]:
@@ -279,7 +262,8 @@ def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str
     Counts come from k_c = max(1, round(f * n_c)), the same for both methods; runs already done
     (identical key) are not counted unless `spec.force` (only known once the sweep is planned, so
     here every run counts). Time: training images at the measured speed plus `RUN_OVERHEAD_S` a run,
-    shared by the runs that go at once.
+    shared by the runs that go at once; None when this machine has not measured the recipe's
+    architecture yet (`images_per_s` None too, and `speed_source` says so).
     """
     store = store or get_store()
     eval_split(name, store)  # a sweep with nothing to evaluate on is refused before any estimate
@@ -292,8 +276,8 @@ def estimate(name: str, spec: SweepSpec, store: Store | None = None) -> dict[str
         steps = recipe.total_steps(n)
         runs += n_methods * spec.seeds
         images += n_methods * spec.seeds * steps * recipe.batch_for(n)
-    speed, source = training_speed(name, recipe.arch, store)
+    speed = training_speed(name, recipe.arch, store)
     parallel = jobs.max_parallel()
-    seconds = (images / speed + runs * RUN_OVERHEAD_S) / min(parallel, max(runs, 1))
+    seconds = None if speed.rate is None else (images / speed.rate + runs * RUN_OVERHEAD_S) / min(parallel, max(runs, 1))
     return {"runs": runs, "images": images, "seconds": seconds,
-            "images_per_s": speed, "speed_source": source, "parallel": parallel}
+            "images_per_s": speed.rate, "speed_source": speed.text(), "parallel": parallel}
