@@ -13,8 +13,10 @@ run: setup data
 	$(VENV)/bin/streamlit run app.py --server.address $(HOST) --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
+# The suite in TEST_WORKERS processes, one test file per worker (files share fixtures and servers).
+TEST_WORKERS ?= 2
 test: setup-test data browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
