@@ -16,13 +16,20 @@ planted near copies are made in pixel space (noise sigma 4/255, 85 % brightness,
     whose embeddings differ by 0.1 % noise (how stable complete-linkage cuts are anyway), mean
     cosine distance of removed images to their kept representative, near copies grouped;
 (e) exact duplicates (pixel hashes) and cross-class near duplicates on all 70k images;
-(f) with --compare: imagededup (PHash) from /tmp/benchvenv on the same PNGs as ours.
+(f) with --compare: imagededup (PHash) from /tmp/benchvenv on the same PNGs as ours;
+(g) with --near-copies (this part only): planted near copies of four kinds (1-2 px shifts, small
+    crops/rescales, JPEG re-encodes, brightness/noise) among the 10,000 Fashion-MNIST test images,
+    held out from the backbone's training; redex's own trained backbone (one per recipe of
+    --nc-recipes), cut at fraction 0.9, next to fastdup (its own venv, FASTDUP_PYTHON) and
+    imagededup PHash (the `bench` extra) on the same files: recall per kind, images flagged, wall time.
 
     .venv/bin/python bench/cluster.py [--quick] [--compare]
+    .venv/bin/python bench/cluster.py --near-copies [--nc-recipes '[{}, {"contrastive": 0}]']
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -56,6 +63,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run of under a minute")
     parser.add_argument("--compare", action="store_true", help="also time imagededup from /tmp/benchvenv")
+    parser.add_argument("--near-copies", action="store_true", help="only (g): the planted near-copy benchmark")
+    parser.add_argument("--nc-train", type=int, default=20_000, help="train images for each backbone of (g)")
+    parser.add_argument("--nc-per-kind", type=int, default=50, help="planted copies per kind in (g)")
+    parser.add_argument("--nc-recipes", default='[{}, {"contrastive": 0}]',
+                        help="JSON list of overrides of backbone_recipe (with 'arch'), one backbone each; the first "
+                             "is the ratios' baseline. Default: the backbone recipe, then cross-entropy only")
+    parser.add_argument("--nc-no-tools", action="store_true", help="(g) without fastdup and imagededup")
     return parser.parse_args()
 
 
@@ -280,6 +294,238 @@ def bench_duplicates(images: np.ndarray, labels: np.ndarray, report: list[str]) 
     print("\n".join(report[-2:]), flush=True)
 
 
+# -- (g) planted near copies: redex's own embeddings, fastdup and imagededup on the same files --------
+COPY_KINDS = ("shift", "crop", "jpeg", "photometric")
+COPY_FRACTION = 0.9  # the cut the copies must survive: each class keeps round(0.9 n_c) groups
+FASTDUP_PYTHON = Path(os.environ.get("FASTDUP_PYTHON", "/tmp/fastdupvenv/bin/python"))
+FASTDUP_SCRIPT = """
+import json, os, sys, time
+os.environ["SENTRY_OPT_OUT"] = "1"
+start = time.perf_counter()
+import fastdup, numpy as np
+imported = time.perf_counter()
+rc = fastdup.run(input_dir=sys.argv[1], work_dir=sys.argv[2], verbose=False)
+run_s = time.perf_counter() - imported
+names, feats = fastdup.load_binary_feature(os.path.join(sys.argv[2], "atrain_features.dat"), d=576)
+np.save(os.path.join(sys.argv[2], "features.npy"), np.asarray(feats, np.float32))
+print(json.dumps({"rc": rc, "import_s": imported - start, "run_s": run_s, "names": [os.path.basename(n) for n in names]}))
+"""
+
+
+def make_copy(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One near copy of uint8 `image [H, W]`:
+
+    shift: 1 or 2 px in one of 8 directions, zero fill; crop: a (H-2)..(H-3) px box at a random
+    offset, resized back (bilinear, a 1.07-1.12x rescale); jpeg: re-encoded at quality 70-90;
+    photometric: 85-95 % brightness or Gaussian noise of sigma 4.
+    """
+    h, w = image.shape
+    if kind == "shift":
+        d = int(rng.integers(1, 3))
+        dy, dx = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b][rng.integers(8)]
+        out = np.zeros_like(image)
+        out[max(0, d * dy):h + min(0, d * dy), max(0, d * dx):w + min(0, d * dx)] = \
+            image[max(0, -d * dy):h + min(0, -d * dy), max(0, -d * dx):w + min(0, -d * dx)]
+        return out
+    if kind == "crop":
+        s = h - int(rng.integers(2, 4))
+        y, x = (int(v) for v in rng.integers(0, h - s + 1, 2))
+        return np.array(Image.fromarray(image[y:y + s, x:x + s]).resize((w, h), Image.BILINEAR))
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=int(rng.integers(70, 91)))
+        return np.array(Image.open(buf))
+    if kind == "photometric":
+        if rng.random() < 0.5:
+            return (image * rng.uniform(0.85, 0.95)).astype(np.uint8)
+        return np.clip(image + rng.normal(0.0, 4.0, image.shape), 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown copy kind {kind!r}; valid: {', '.join(COPY_KINDS)}")
+
+
+def plant_copies(images: np.ndarray, per_kind: int, seed: int = 0):
+    """(copies uint8 [K, H, W], source index int [K] into `images`, kind index int [K]): `per_kind`
+    copies of each kind in `COPY_KINDS`, of distinct originals drawn at random."""
+    rng = np.random.default_rng(seed)
+    source = rng.choice(len(images), per_kind * len(COPY_KINDS), replace=False)
+    kinds = np.repeat(np.arange(len(COPY_KINDS)), per_kind)
+    copies = np.stack([make_copy(images[i], COPY_KINDS[k], rng) for i, k in zip(source, kinds)])
+    return copies, source, kinds
+
+
+def recall_by_kind(hit: np.ndarray, kinds: np.ndarray) -> dict:
+    """{kind: share of its copies found, 'all': share of all}; hit bool [K]."""
+    out = {kind: float(hit[kinds == k].mean()) for k, kind in enumerate(COPY_KINDS)}
+    return dict(out, all=float(hit.mean()))
+
+
+def copy_grouping(emb: np.ndarray, labels: np.ndarray, n_orig: int, source: np.ndarray, kinds: np.ndarray,
+                  fraction: float = COPY_FRACTION) -> dict:
+    """Cut the per-class trees of `emb` ([n_orig originals; copies], labels by image) at `fraction`:
+    recall per copy kind (copy in its original's group), images flagged (in a group of two or more)
+    and images removed."""
+    class_trees = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        class_trees[int(c)] = (redundancy_trees.build_class_tree(emb[members]), emb[members], members)
+    subset = cuts.select_subset(class_trees, fraction=fraction)
+    group = subset.group
+    hit = group[n_orig + np.arange(len(source))] == group[source]
+    sizes = np.bincount(group)
+    return dict(recall_by_kind(hit, kinds), flagged=int((sizes[group] > 1).sum()),
+                removed=int(len(emb) - len(subset.kept_indices)))
+
+
+def pair_hits(found: dict[str, list[str]], names: list[str], n_orig: int, source: np.ndarray) -> tuple[np.ndarray, int]:
+    """(copy found as a duplicate of its original: bool [K], images with any duplicate) from a tool's
+    {file: [duplicate files]}."""
+    hit = np.array([names[n_orig + j] in found.get(names[i], ()) or names[i] in found.get(names[n_orig + j], ())
+                    for j, i in enumerate(source)])
+    return hit, sum(1 for dups in found.values() if dups)
+
+
+def matched_threshold(x: np.ndarray, metric: str, n_orig: int, source: np.ndarray, kinds: np.ndarray,
+                      target_flagged: int, thresholds: np.ndarray) -> dict:
+    """A tool at the threshold whose flagged count comes nearest `target_flagged` (redex's): pairs at
+    distance <= t are duplicates; `x` bit rows (bool [N, B], metric 'hamming') or features ('cosine')."""
+    if metric == "hamming":
+        a = x.astype(np.float32)
+        ones = a.sum(1)
+        dist = ones[:, None] + ones[None, :] - 2 * a @ a.T
+    else:
+        u = redundancy_trees.unit_rows(x.astype(np.float32))
+        dist = 1.0 - u @ u.T
+    np.fill_diagonal(dist, np.inf)
+    nearest = dist.min(1)
+    copy_d = dist[n_orig + np.arange(len(source)), source]
+    flagged = np.array([(nearest <= t).sum() for t in thresholds])
+    best = int(np.argmin(np.abs(flagged - target_flagged)))
+    return dict(recall_by_kind(copy_d <= thresholds[best], kinds), flagged=int(flagged[best]),
+                threshold=float(thresholds[best]))
+
+
+def run_phash(folder: Path, names: list[str], n_orig: int, source: np.ndarray, kinds: np.ndarray,
+              target_flagged: int) -> list[dict]:
+    """imagededup's PHash on the folder: at its default (Hamming <= 10) and at redex's flagged count."""
+    from imagededup.methods import PHash
+
+    start = time.perf_counter()
+    phash = PHash(verbose=False)
+    encodings = phash.encode_images(image_dir=str(folder))
+    found = phash.find_duplicates(encoding_map=encodings, max_distance_threshold=PHASH_MAX_DISTANCE)
+    seconds = time.perf_counter() - start
+    hit, flagged = pair_hits(found, names, n_orig, source)
+    bits = np.stack([np.unpackbits(np.frombuffer(bytes.fromhex(encodings[n]), np.uint8)) for n in names]).astype(bool)
+    matched = matched_threshold(bits, "hamming", n_orig, source, kinds, target_flagged, np.arange(0, 33))
+    return [dict(recall_by_kind(hit, kinds), tool="imagededup PHash", setting=f"Hamming <= {PHASH_MAX_DISTANCE} (default)",
+                 flagged=flagged, seconds=seconds),
+            dict(matched, tool="imagededup PHash", setting=f"Hamming <= {matched['threshold']:.0f} (flags ~ redex)",
+                 seconds=seconds)]
+
+
+def run_fastdup(folder: Path, names: list[str], n_orig: int, source: np.ndarray, kinds: np.ndarray,
+                target_flagged: int) -> list[dict] | str:
+    """fastdup (its own venv: it pins numpy 1.26, pillow 10.3, scikit-learn 1.5) on the folder, at its
+    defaults (similarity >= 0.9, 2 nearest neighbours) and at redex's flagged count; or why not."""
+    if not FASTDUP_PYTHON.exists():
+        return f"{FASTDUP_PYTHON} not found (python3 -m venv /tmp/fastdupvenv && /tmp/fastdupvenv/bin/pip install fastdup)"
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        proc = subprocess.run([str(FASTDUP_PYTHON), "-c", FASTDUP_SCRIPT, str(folder), work], capture_output=True, check=False,
+                              text=True, env={**os.environ, "SENTRY_OPT_OUT": "1", "PYTHONWARNINGS": "ignore"})
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            return f"fastdup failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        features = np.load(Path(work) / "features.npy")
+        pairs = [line.split(",") for line in (Path(work) / "similarity.csv").read_text().splitlines()[1:]]
+    row = {n: i for i, n in enumerate(out["names"])}
+    features = features[[row[n] for n in names]]
+    found: dict[str, list[str]] = {}
+    for a, b, _ in pairs:
+        found.setdefault(Path(a).name, []).append(Path(b).name)
+    hit, flagged = pair_hits(found, names, n_orig, source)
+    matched = matched_threshold(features, "cosine", n_orig, source, kinds, target_flagged,
+                                np.concatenate([np.linspace(0, 0.02, 81), np.linspace(0.0205, 0.2, 360)]))
+    seconds = out["run_s"]
+    return [dict(recall_by_kind(hit, kinds), tool="fastdup", setting="similarity >= 0.9, k = 2 (default)",
+                 flagged=flagged, seconds=seconds, wall=wall),
+            dict(matched, tool="fastdup", setting=f"similarity >= {1 - matched['threshold']:.4f} (flags ~ redex)",
+                 seconds=seconds, wall=wall)]
+
+
+def redex_on_files(folder: Path, names: list[str], labels: np.ndarray, model, n_orig: int, source: np.ndarray,
+                   kinds: np.ndarray) -> dict:
+    """redex's path after the backbone: decode the PNGs, embed, per-class trees, cut at 0.9."""
+    from core.embed.backbones import embed_batches
+
+    start = time.perf_counter()
+    pixels = np.stack([np.array(Image.open(folder / name)) for name in names])[..., None]
+    emb = np.concatenate([f for _, _, f in embed_batches(model, pixels, batch_size=512, device="cpu")])
+    out = copy_grouping(emb, labels, n_orig, source, kinds)
+    return dict(out, seconds=time.perf_counter() - start)
+
+
+def bench_near_copies(args, report: list[str]) -> None:
+    """Planted near copies of the Fashion-MNIST test split (held out from the backbone's training):
+    redex at fraction 0.9 with each recipe of `--nc-recipes`, then fastdup and imagededup PHash."""
+    from core.embed import backbones
+    from core.training.recipe import backbone_recipe
+
+    folder_fm = config.fashion_mnist_dir()
+    x_train, y_train = idx.load_fashion_mnist(folder_fm, "train")
+    x_held, y_held = idx.load_fashion_mnist(folder_fm, "test")
+    n_train, n_held, per_kind = (3000, 2000, 20) if args.quick else (args.nc_train, len(x_held), args.nc_per_kind)
+    x_train, y_train, x_held, y_held = x_train[:n_train], y_train[:n_train], x_held[:n_held], y_held[:n_held]
+    copies, source, kinds = plant_copies(x_held, per_kind, seed=0)
+    names = [f"o{i:05d}.png" for i in range(n_held)] + [f"c{j:04d}.png" for j in range(len(copies))]
+    labels = np.concatenate([y_held, y_held[source]])
+    report.append(f"near copies: {n_held:,} held-out test images + {len(copies)} planted copies ({per_kind} per kind: "
+                  f"{', '.join(COPY_KINDS)}); backbones trained on {n_train:,} train images; cut at fraction "
+                  f"{COPY_FRACTION}; load average {os.getloadavg()[0]:.1f}")
+    header = (f"  {'tool':<34} {'setting':<40} {'shift':>6} {'crop':>6} {'jpeg':>6} {'photo':>6} {'all':>6} "
+              f"{'flagged':>8} {'wall s':>7} {'ratio':>6}")
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, image in zip(names, np.concatenate([x_held, copies])):
+            Image.fromarray(image).save(folder / name)
+        for overrides in json.loads(args.nc_recipes):
+            overrides = dict(overrides)
+            arch = overrides.pop("arch", backbones.parse_spec(backbones.DEFAULT_BACKBONE).name)
+            recipe = dataclasses.replace(backbone_recipe(28, arch=arch), **overrides)
+            start = time.perf_counter()
+            model, metrics = backbones.train_backbone(f"trained:{arch}", x_train[..., None], y_train, 10, recipe=recipe,
+                                                      eval_images=x_held[..., None], eval_labels=y_held, device="cpu")
+            train_s = time.perf_counter() - start
+            out = redex_on_files(folder, names, labels, model, n_held, source, kinds)
+            first = first or out
+            label = f"redex trained:{arch}"
+            rows.append(dict(out, tool=label, setting=json.dumps(overrides) if overrides else "default recipe"))
+            report.append(f"  {label} {rows[-1]['setting']}: held-out top-1 {metrics['test_top1']:.2%}, "
+                          f"trained in {train_s:.0f} s (load {os.getloadavg()[0]:.1f})")
+            print(report[-1], flush=True)
+        if not args.nc_no_tools:
+            target = first["flagged"]
+            try:
+                rows += run_phash(folder, names, n_held, source, kinds, target)
+            except ImportError:
+                report.append("  imagededup not installed (pip install -e '.[bench]') -> skipped")
+            theirs = run_fastdup(folder, names, n_held, source, kinds, target)
+            if isinstance(theirs, str):
+                report.append(f"  fastdup skipped: {theirs}")
+            else:
+                rows += theirs
+    report.append(header)
+    for r in rows:
+        ratio = r["seconds"] / first["seconds"]
+        report.append(f"  {r['tool']:<34} {r['setting'][:40]:<40} " + " ".join(f"{r[k]:6.0%}" for k in
+                      (*COPY_KINDS, "all")) + f" {r['flagged']:8,} {r['seconds']:7.1f} {ratio:6.2f}")
+    report.append("  (recall: copy in its original's group (redex) or listed as its duplicate (the tools); flagged: "
+                  "images in a group of 2+ / with any duplicate; redex wall s = decode + embed + trees + cut, "
+                  "backbone training apart; ratio = wall s / the first redex row's)")
+    print("\n".join(report[-len(rows) - 2:]), flush=True)
+
+
 # -- (f) imagededup -------------------------------------------------------------------------------
 IMAGEDEDUP_SCRIPT = """
 import json, sys, time
@@ -351,6 +597,12 @@ def bench_compare(images: np.ndarray, quick: bool, report: list[str]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.near_copies:
+        report = [f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"]
+        bench_near_copies(args, report)
+        report.append(f"load average at end {os.getloadavg()[0]:.1f}")
+        print("\n==== summary ====\n" + "\n".join(report))
+        return
     images, labels, n_train = load(args.quick)
     emb = embed(images)
     load_avg = os.getloadavg()[0]

@@ -68,7 +68,8 @@ def sweep(name: str, bid: str, args) -> float:
     spec = plan.SweepSpec(fractions=tuple(float(f) for f in args.fractions.split(",")), seeds=args.seeds,
                              recipe=recipe, budget=args.budget, selection={"backbone_id": bid})
     est = plan.estimate(name, spec)
-    print(f"sweep: {est['runs']} runs, at most {jobs.format_seconds(est['seconds'])} ({est['speed_source']});"
+    took = jobs.format_seconds(est["seconds"]) if est["seconds"] is not None else "unknown"
+    print(f"sweep: {est['runs']} runs, at most {took} ({est['speed_source']});"
           f" {jobs.max_parallel()} at once")
     t = time.perf_counter()
     _, job_id = sweeps.launch_sweep(name, spec)
@@ -147,7 +148,7 @@ def plot(table, path: Path) -> bool:
     return True
 
 
-def write_report(name: str, args, sweep_s: float, out: Path) -> None:
+def write_report(name: str, bid: str, args, sweep_s: float, out: Path) -> None:
     runs = results.runs(name)
     table = results.summary(runs)
     done = runs[runs.status == "done"]
@@ -172,7 +173,8 @@ def write_report(name: str, args, sweep_s: float, out: Path) -> None:
         f" {os.cpu_count()} CPU cores); the sweep took {sweep_s / 60:.1f} min of wall time with"
         f" {jobs.max_parallel()} run(s) at once.", "",
         f"Recipe of every run (seed = run seed): `{recipe}`. Budget rule: same {args.budget}."
-        " Embeddings: the default backbone trained on the full train split; complete linkage, nearest-mean"
+        f" Embeddings: the default backbone `{bid}` (recipe `core.training.recipe.backbone_recipe`) trained on"
+        " the train split; complete linkage, nearest-mean"
         " representatives. Random subsets have the same per-class counts."
         f" Evaluated on the {done.eval_split.iloc[0]} split ({int(done.n_eval.iloc[0]):,} images).", "",
         *rows, "",
@@ -187,7 +189,7 @@ def main() -> None:
     args = parse_args()
     name, bid = prepare(args.limit)
     sweep_s = sweep(name, bid, args)
-    write_report(name, args, sweep_s, Path(args.out))
+    write_report(name, bid, args, sweep_s, Path(args.out))
 
 
 if __name__ == "__main__":

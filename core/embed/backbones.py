@@ -1,9 +1,13 @@
 """Embedding backbones, named by a spec string `kind:name`.
 
 - `trained:<arch>` (the default, the paper's way): a CIFAR-style ResNet trained on the dataset
-  itself; its embedding is the global-average-pool output (64-d for widths 16/32/64).
-- `timm:<model>`: a pretrained timm model, loaded offline from the local Hugging Face cache or
-  from a checkpoint file; never silently random.
+  itself; its embedding is the global-average-pool output (64-d for widths 16/32/64). Its recipe
+  (`core.training.recipe.backbone_recipe`) adds a contrastive term on two jittered views of each
+  image to the cross-entropy (`train_contrastive`), so near copies (moved by a pixel or two,
+  slightly cropped or rescaled, re-encoded) embed next to their original.
+- `timm:<model>`: a pretrained timm model (`core.embed.timm_models`): its default pretrained weights
+  from the Hugging Face cache, or downloaded into it unless `HF_HUB_OFFLINE=1`, or a checkpoint file;
+  never silently random.
 
 Every model takes raw pixels `[N, C, H, W]` (uint8 or float, 0..255) and answers
 `forward_features(x) -> [N, D]`, `forward(x)` and `embed_dim`; `embed_batches` streams
@@ -18,15 +22,27 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from core.device import autocast, pick_device
 from core.embed.resnet import ARCHS, CifarResNet
 from core.embed.timm_models import check_timm_name
 from core.training.checkpoints import load_model, save_model
-from core.training.classifier import Normalized, train_classifier
-from core.training.loop import Progress, ShouldStop
-from core.training.pixels import as_nhwc, pixels_view, to_batch
-from core.training.recipe import DEFAULT_ARCH, Recipe, default_recipe
+from core.training.classifier import (
+    Normalized,
+    evaluate,
+    optim_settings,
+    train_classifier,
+)
+from core.training.loop import Progress, ShouldStop, Step, train_loop
+from core.training.pixels import (
+    as_nhwc,
+    channel_stats,
+    pixels_tensor,
+    pixels_view,
+    to_batch,
+)
+from core.training.recipe import DEFAULT_ARCH, Recipe, backbone_recipe
 
 DEFAULT_BACKBONE = f"trained:{DEFAULT_ARCH}"
 KINDS = ("trained", "timm")
@@ -100,17 +116,118 @@ def train_backbone(
     should_stop: ShouldStop | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Normalized, dict[str, Any]]:
-    """Build `spec` (seeded by the recipe) and train it on uint8 `images [N, H, W, C]`."""
+    """Build `spec` (seeded by the recipe) and train it on uint8 `images [N, H, W, C]`.
+
+    Default recipe: `backbone_recipe`. With `recipe.contrastive > 0` the training is
+    `train_contrastive`, else plain `train_classifier`; the metrics have the same keys.
+    """
     spec = parse_spec(spec)
     images = as_nhwc(images)
-    recipe = recipe or default_recipe(images.shape[1], arch=spec.name)
+    recipe = recipe or backbone_recipe(images.shape[1], arch=spec.name)
     if recipe.arch != spec.name:
         raise ValueError(f"recipe.arch={recipe.arch!r} does not match the backbone {spec}")
     torch.manual_seed(recipe.seed)
     model = build_model(spec, num_classes, images.shape[-1], images.shape[1])
-    metrics = train_classifier(model, images, labels, recipe, eval_images=eval_images, eval_labels=eval_labels,
-                               device=device, progress=progress, should_stop=should_stop)
+    train = train_contrastive if recipe.contrastive > 0 else train_classifier
+    metrics = train(model, images, labels, recipe, eval_images=eval_images, eval_labels=eval_labels,
+                    device=device, progress=progress, should_stop=should_stop)
     return model, metrics
+
+
+def train_contrastive(
+    model: Normalized,
+    images: np.ndarray,
+    labels: np.ndarray,
+    recipe: Recipe,
+    *,
+    eval_images: np.ndarray | None = None,
+    eval_labels: np.ndarray | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> dict[str, Any]:
+    """`train_classifier` on each image and a near copy of it (`jittered_views`): cross-entropy on
+    both plus `recipe.contrastive` x NT-Xent between the two embeddings (`nt_xent`: each must find
+    its twin among the batch's other images and copies). Same arguments and metrics, plus
+    `train_contrastive` (the NT-Xent of the last epoch); train_acc is on the images themselves."""
+    images = as_nhwc(images)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels) or len(images) < 2:
+        raise ValueError(f"{len(images)} images but {len(labels)} labels (contrastive training needs 2 or more)")
+    device = torch.device(device) if device is not None else pick_device()
+    torch.manual_seed(recipe.seed)
+    model.set_stats(*channel_stats(images))
+    model.to(device)
+    batch = recipe.batch_for(len(images))
+    fit = train_loop(model, _contrastive_step(model, images, labels, recipe, device), ("loss", "contrastive", "acc"),
+                     optim_settings(recipe), n=len(images), batch=batch, total=recipe.total_steps(len(images)),
+                     seed=recipe.seed, device=device, progress=progress, should_stop=should_stop)
+    last = fit["curve"][-1]
+    metrics = {"train_loss": last["loss"], "train_contrastive": last["contrastive"], "train_acc": last["acc"],
+               "steps": fit["steps"], "epochs": fit["steps"] * batch / len(images), "seconds": fit["seconds"],
+               "images_per_s": fit["images_per_s"], "device": str(device), "recipe": recipe.to_dict()}
+    if eval_images is not None and eval_labels is not None:
+        result = evaluate(model, eval_images, eval_labels, device=device)
+        metrics.update(test_top1=result["top1"], test_loss=result["loss"], per_class=result["per_class"])
+    else:
+        metrics.update(test_top1=None, test_loss=None, per_class=None)
+    return metrics
+
+
+def _contrastive_step(model: Normalized, images: np.ndarray, labels: np.ndarray, recipe: Recipe,
+                      device: torch.device) -> Step:
+    """The loop's step: sums are (cross-entropy sum over both views / 2, NT-Xent sum, correct, batch size)."""
+    pixels = pixels_tensor(images, device)
+    targets = torch.from_numpy(np.array(labels)).to(device)
+
+    def step(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_batch(pixels[idx.to(pixels.device)], device)
+        y = targets[idx.to(device)]
+        views = torch.cat([x, jittered_views(x, recipe.view_shift, recipe.view_scale, recipe.view_color, gen)])
+        feats = model.forward_features(views)
+        logits = model.net.forward_head(feats)
+        ce = F.cross_entropy(logits, torch.cat([y, y]), label_smoothing=recipe.label_smoothing)
+        nce = nt_xent(*feats.float().chunk(2), recipe.temperature)
+        loss = ce + recipe.contrastive * nce
+        correct = (logits[:len(y)].argmax(1) == y).sum()
+        count = torch.tensor(float(len(y)), device=device)
+        return loss, torch.stack([ce.detach().float() * len(y), nce.detach() * len(y), correct.float(), count])
+
+    return step
+
+
+def jittered_views(x: torch.Tensor, shift: float, scale: float, color: float, gen: torch.Generator) -> torch.Tensor:
+    """A random near copy of each image of float `x [B, C, H, W]` (0..255): half of them moved by a
+    whole number of pixels (up to `shift`, each axis), the others rescaled by a factor in 1 +- `scale`
+    and moved by up to `shift` px (bilinear), zero fill; then brightness times 1 +- `color`, and on half
+    of them Gaussian noise of sigma up to 32 `color` (grey levels)."""
+    b, _, h, w = x.shape
+    factor = 1.0 + (2 * torch.rand(b, generator=gen) - 1) * scale
+    move = (2 * torch.rand(b, 2, generator=gen) - 1) * shift
+    whole = torch.rand(b, generator=gen) < 0.5
+    factor = torch.where(whole, torch.ones_like(factor), factor)
+    move = torch.where(whole[:, None], move.round(), move)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / factor
+    theta[:, 0, 2] = -2.0 * move[:, 0] / w
+    theta[:, 1, 2] = -2.0 * move[:, 1] / h
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 1.0 + (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1) * color
+    sigma = torch.rand(b, 1, 1, 1, generator=gen) * 32 * color * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5)
+    noise = torch.randn(x.shape, generator=gen) * sigma
+    return (x * gain.to(x) + noise.to(x)).clamp(0, 255)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR) of paired embeddings `a, b [B, D]`: each of the 2B rows must pick its twin
+    among the other 2B - 1 by cosine similarity / temperature; mean cross-entropy."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = (z @ z.T) / temperature
+    sim.fill_diagonal_(float("-inf"))
+    n = len(a)
+    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, twin)
 
 
 def save_checkpoint(model: Normalized, path: str | Path, meta: dict[str, Any]) -> None:

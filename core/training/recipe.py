@@ -11,6 +11,7 @@ DEFAULT_ARCH = "resnet8s2"
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "flip_crop")
 BUDGETS = ("epochs", "steps")
+CONTRASTIVE_FIELDS = ("contrastive", "temperature", "view_shift", "view_scale", "view_color")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class Recipe:
     seed: int = 0
     budget: str = "epochs"          # 'epochs' | 'steps' (equal compute for subsets)
     steps: int | None = None        # total optimisation steps when budget == 'steps'
+    # Backbones only (`core.embed.backbones.train_backbone`): the model sees two jittered views of each
+    # image, cross-entropy on both, plus `contrastive` x NT-Xent between the views' embeddings, so an
+    # image and its near copies (a pixel or two moved, slightly rescaled) embed close together.
+    contrastive: float = 0.0        # weight of the NT-Xent term; 0: cross-entropy on the plain images only
+    temperature: float = 0.1        # NT-Xent temperature
+    view_shift: float = 2.0         # each view is moved by up to this many pixels ...
+    view_scale: float = 0.1         # ... and rescaled by a factor in 1 +- view_scale (half of the views:
+                                    # whole-pixel moves only, no rescale) ...
+    view_color: float = 0.15        # ... brightness x (1 +- view_color), noise sigma up to 32 view_color
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -42,9 +52,19 @@ class Recipe:
             raise ValueError("epochs, batch_size and lr must be positive")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError("warmup_frac must lie in [0, 1)")
+        if self.contrastive < 0 or self.temperature <= 0 or self.view_shift < 0 or not 0.0 <= self.view_scale < 0.5 \
+                or not 0.0 <= self.view_color < 1.0:
+            raise ValueError("need contrastive >= 0, temperature > 0, view_shift >= 0, view_scale in [0, 0.5)"
+                             " and view_color in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, except the backbone-only ones while contrastive training is off: recipes from
+        before they existed keep their dicts, and so their cache keys and run keys."""
+        data = dataclasses.asdict(self)
+        if not self.contrastive:
+            for name in CONTRASTIVE_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -72,6 +92,19 @@ def default_recipe(image_size: int = 28, arch: str = DEFAULT_ARCH) -> Recipe:
     'flip_crop' on for longer runs (its padding scales with `image_size`).
     """
     return Recipe(arch=arch, epochs=10, augmentation="none", crop_padding=max(1, round(image_size / 14)))
+
+
+def backbone_recipe(image_size: int = 28, arch: str = DEFAULT_ARCH) -> Recipe:
+    """The recipe of `trained:` embedding backbones: `default_recipe` plus the contrastive views.
+
+    Cross-entropy alone embeds an image moved by one pixel farther from it than most other images of
+    its class (planted-copy benchmark, `bench/cluster.py --near-copies`: 2-4 % of 1-2 px shifts grouped
+    with their original at fraction 0.9, with or without flip+crop augmentation or anti-aliased
+    downsampling); the NT-Xent term on jittered views brings that to ~100 % (docs/benchmarks.md).
+    The views move by up to `image_size / 14` px (2 at 28 px).
+    """
+    return dataclasses.replace(default_recipe(image_size, arch), contrastive=3.0, temperature=0.05,
+                               view_shift=float(max(1, round(image_size / 14))), view_scale=0.1)
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
