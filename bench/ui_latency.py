@@ -102,10 +102,12 @@ def slider_moves(page, key: str, target, moves: int) -> list:
 
 
 def select_moves(page, key: str, target, moves: int) -> list:
+    # Streamlit's select box is a combo box: a click on its text field only focuses it; a key opens it
     box = page.locator(f".st-key-{key}").get_by_role("combobox").first
     out = []
     for i in range(moves):
         box.click()
+        box.press("ArrowDown")
         options = page.get_by_role("option")
         options.first.wait_for()
         n = options.count()
