@@ -193,7 +193,8 @@ if blocked:
             st.caption(f"**{widgets.md_text(c.spec)}**: {widgets.md_text(c.reason)}")
 with st.form("embed"):
     picked = st.selectbox("Backbone", [c.spec for c in choices if c.can_run],
-                          format_func=lambda s: f"{s} ({reasons[s]})" if s.startswith("timm:") else s,
+                          format_func=lambda s: f"{s} ({reasons[s]})" if s.startswith("timm:")
+                          else f"{s}: {wording.plain(s)}, trained on this dataset",
                           help="Backbones that can run here now. trained:<arch> trains a classifier on this dataset's"
                                " train split (the paper's way); timm:<name> uses pretrained timm weights from the"
                                " Hugging Face cache (or downloads them) and reads each image at its pretrained size.")

@@ -146,7 +146,9 @@ def image_grid(pixels: np.ndarray | Gallery, rows: np.ndarray, captions: list[st
         if i % columns == 0:  # one st.columns per line: a caption on two lines never shifts a column down
             cols = st.columns(columns)
         with cols[i % columns]:
-            st.image(outlined(img) if highlight and row in highlight else upscale(img),
+            # width="stretch": every thumbnail as wide as its column (at "content", an image grew with
+            # the length of its caption, so neighbours came out at different sizes)
+            st.image(outlined(img) if highlight and row in highlight else upscale(img), width="stretch",
                      caption=md_text(captions[i]) if captions else None)  # captions are Markdown
 
 
