@@ -11,6 +11,7 @@ from core.embed.backbones import DEFAULT_BACKBONE
 from core.redundancy.cuts import groups_for_fraction
 from core.subsets import sweeps
 from tests.conftest import run_page, wait_until
+from tests.test_pages import embedded  # noqa: F401  (the fixture: embeds this module's `scanned`)
 
 CPU_KEY = estimates.speed_key("resnet8s2", 28, 1, "cpu")
 
@@ -21,13 +22,6 @@ def scanned(store, image_folder):
     name = sources.register(str(image_folder), "newcomer")
     scan.scan(name, store)
     return name
-
-
-@pytest.fixture
-def embedded(store, scanned):
-    model, bid = embeddings.ensure_backbone(scanned, DEFAULT_BACKBONE, epochs=1, store=store)
-    embeddings.embed_dataset(scanned, model, bid, store=store)
-    return scanned, bid
 
 
 def in_order(at) -> list:
@@ -143,7 +137,7 @@ def test_running_embedding_is_shown_where_it_matters(store, scanned):
     jobs.cancel(running, store)
 
 
-def test_training_page_reuse_axis_and_per_class_without_full_run(store, embedded):
+def test_training_page_reuse_axis_and_per_class_without_full_run(store, embedded):  # noqa: F811
     name, _ = embedded
     at = run_page("pages/training.py", dataset=name)
     estimate = next(i.value for i in at.info if "runs" in i.value)

@@ -30,14 +30,11 @@ from core.embed.timm_models import check_timm_name
 from core.training.checkpoints import load_model, save_model
 from core.training.classifier import (
     Normalized,
-    evaluate,
-    optim_settings,
     train_classifier,
 )
-from core.training.loop import Progress, ShouldStop, Step, train_loop
+from core.training.loop import Progress, ShouldStop, Step
 from core.training.pixels import (
     as_nhwc,
-    channel_stats,
     pixels_tensor,
     pixels_view,
     to_batch,
@@ -150,28 +147,11 @@ def train_contrastive(
     both plus `recipe.contrastive` x NT-Xent between the two embeddings (`nt_xent`: each must find
     its twin among the batch's other images and copies). Same arguments and metrics, plus
     `train_contrastive` (the NT-Xent of the last epoch); train_acc is on the images themselves."""
-    images = as_nhwc(images)
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels) or len(images) < 2:
-        raise ValueError(f"{len(images)} images but {len(labels)} labels (contrastive training needs 2 or more)")
-    device = torch.device(device) if device is not None else pick_device()
-    torch.manual_seed(recipe.seed)
-    model.set_stats(*channel_stats(images))
-    model.to(device)
-    batch = recipe.batch_for(len(images))
-    fit = train_loop(model, _contrastive_step(model, images, labels, recipe, device), ("loss", "contrastive", "acc"),
-                     optim_settings(recipe), n=len(images), batch=batch, total=recipe.total_steps(len(images)),
-                     seed=recipe.seed, device=device, progress=progress, should_stop=should_stop)
-    last = fit["curve"][-1]
-    metrics = {"train_loss": last["loss"], "train_contrastive": last["contrastive"], "train_acc": last["acc"],
-               "steps": fit["steps"], "epochs": fit["steps"] * batch / len(images), "seconds": fit["seconds"],
-               "images_per_s": fit["images_per_s"], "device": str(device), "recipe": recipe.to_dict()}
-    if eval_images is not None and eval_labels is not None:
-        result = evaluate(model, eval_images, eval_labels, device=device)
-        metrics.update(test_top1=result["top1"], test_loss=result["loss"], per_class=result["per_class"])
-    else:
-        metrics.update(test_top1=None, test_loss=None, per_class=None)
-    return metrics
+    if len(images) < 2:
+        raise ValueError(f"{len(images)} images: contrastive training needs 2 or more")
+    return train_classifier(model, images, labels, recipe, eval_images=eval_images, eval_labels=eval_labels,
+                            device=device, progress=progress, should_stop=should_stop, step=_contrastive_step,
+                            sums=("loss", "contrastive", "acc"))
 
 
 def _contrastive_step(model: Normalized, images: np.ndarray, labels: np.ndarray, recipe: Recipe,

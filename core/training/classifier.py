@@ -10,6 +10,7 @@ the training images, so a saved model needs nothing else to embed or classify ra
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,8 @@ def train_classifier(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    step: Callable[..., Step] | None = None,
+    sums: tuple[str, ...] = ("loss", "acc"),
 ) -> dict[str, Any]:
     """Train `model` in place on uint8 `images [N, H, W, C]` with int64 `labels [N]`.
 
@@ -94,6 +97,9 @@ def train_classifier(
     `should_stop()` is polled as often, and True raises `TrainingCancelled` (`core.training.loop`).
     Returns JSON-able metrics: train_loss/train_acc (last epoch, augmented data), test_top1,
     test_loss, per_class (test accuracy per class, None where absent), seconds, images_per_s.
+
+    `step(model, images, labels, recipe, device)` makes the loop's step (default: cross-entropy on
+    augmented images); `sums` names the running sums it returns, each reported as `train_<name>`.
     """
     if not isinstance(model, Normalized):
         raise TypeError("train_classifier needs a Normalized model (wrap the network: Normalized(net, in_chans))")
@@ -105,7 +111,7 @@ def train_classifier(
     torch.manual_seed(recipe.seed)  # any global-RNG use inside the model (dropout, drop-path)
     model.set_stats(*channel_stats(images))
     model.to(device)
-    fit = _fit(model, images, labels, recipe, device, progress, should_stop)
+    fit = _fit(model, images, labels, recipe, device, progress, should_stop, step or _classifier_step, sums)
     metrics = {**fit, "device": str(device), "recipe": recipe.to_dict()}
     if eval_images is not None and eval_labels is not None:
         result = evaluate(model, eval_images, eval_labels, device=device)
@@ -115,16 +121,15 @@ def train_classifier(
     return metrics
 
 
-def _fit(model, images, labels, recipe, device, progress, should_stop) -> dict[str, Any]:
-    """`train_loop` with the classifier's step; returns loss/accuracy of the last epoch and the speed."""
+def _fit(model, images, labels, recipe, device, progress, should_stop, step, sums) -> dict[str, Any]:
+    """`train_loop` with `step`; returns its sums of the last epoch (`train_<name>`) and the speed."""
     batch = recipe.batch_for(len(images))
-    fit = train_loop(model, _classifier_step(model, images, labels, recipe, device), ("loss", "acc"),
+    fit = train_loop(model, step(model, images, labels, recipe, device), sums,
                      optim_settings(recipe), n=len(images), batch=batch, total=recipe.total_steps(len(images)),
                      seed=recipe.seed, device=device, progress=progress, should_stop=should_stop)
     last = fit["curve"][-1]
     return {
-        "train_loss": last["loss"],
-        "train_acc": last["acc"],
+        **{f"train_{name}": last[name] for name in sums},
         "steps": fit["steps"],
         "epochs": fit["steps"] * batch / len(images),
         "seconds": fit["seconds"],
