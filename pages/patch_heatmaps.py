@@ -6,6 +6,7 @@ import streamlit as st
 from core import jobs, wording
 from core.data import catalog
 from core.ltrp import models as ltrp_models
+from core.ltrp import ranker as ltrp_ranker
 from core.ltrp import scoring
 from core.ltrp import view as ltrp_view
 from pages import widgets
@@ -36,7 +37,23 @@ def group_images() -> None:
     st.image(widgets.sheet(widgets.Gallery(name), group["rows"], kept=group.get("kept", group["rows"][0])))
 
 
-rankers = ltrp_models.list_rankers(name)
+@st.cache_data(max_entries=8, ttl=60, show_spinner=False)
+def rankers_of(name: str, generation: tuple):
+    return ltrp_models.list_rankers(name)
+
+
+@st.cache_data(max_entries=4, ttl=300, show_spinner=False)
+def images_of(name: str, generation: tuple):
+    return catalog.images_table(name)
+
+
+@st.cache_data(max_entries=256, ttl=300, show_spinner=False)
+def image_at(name: str, row: int, generation: tuple) -> ltrp_view.ImageRef:
+    return ltrp_view.images_at(name, [row])[0]
+
+
+generation = widgets.store_generation()  # the reads below run again only after a write to the store
+rankers = rankers_of(name, generation)
 if rankers.empty:
     if group:
         group_images()
@@ -67,7 +84,7 @@ ranker_labels = wording.plain_labels(rankers.model_id)
 rid = st.selectbox("Ranker", list(rankers.model_id), key="ltrp_ranker", format_func=ranker_labels.get,
                    help="Newest first.")
 ranker_row = rankers[rankers.model_id == rid].iloc[0]
-table = catalog.images_table(name)
+table = images_of(name, generation)
 unscored = table.image_id.nunique() - int(ranker_row.scored)
 if unscored:
     st.write(f"{unscored:,} images have no stored score map yet (they are scored on the fly here).")
@@ -86,21 +103,13 @@ def models(rid: str, trained_at: str):
 ranker, mae = models(rid, str(ranker_row.created_at))  # a retrained ranker (same id) is loaded again
 grid, patch = mae.cfg.grid, mae.cfg.patch_size
 
-views = ["One image", "Class grid"] + (["Redundant group"] if group else [])
-if group and st.session_state.pop("heatmap_group_new", False):
-    st.session_state["heat_mode"] = "Redundant group"
-c1, c2 = st.columns([2, 3])
-mode = c1.radio("View", views, horizontal=True, key="heat_mode")
-keep_ratio = c2.slider("Keep ratio", 0.05, 1.0, 0.5, 0.05, key="keep_ratio",
-                       help="The share of patches kept: the round(ratio × patches) highest-scoring ones.")
 
-
-def heat_figure(view: ltrp_view.PatchView) -> go.Figure:
+def heat_figure(view: ltrp_view.PatchView, image: ltrp_view.ImageRef) -> go.Figure:
     """The image (at display resolution) with its score map on top; kept patches framed."""
-    shown = widgets.upscale(view.display, 360)  # small images: nearest neighbours, crisp at the figure's size
-    cell = shown.shape[0] / grid  # a patch, in display pixels
+    side = widgets.upscale(view.display, 360).shape[0]
+    cell = side / grid  # a patch, in display pixels
     centres = (np.arange(grid) + 0.5) * cell - 0.5
-    fig = go.Figure(go.Image(source=widgets.data_uri(shown), hoverinfo="skip"))
+    fig = go.Figure(go.Image(source=display_uri(image.image_id, image.path, view.display), hoverinfo="skip"))
     fig.add_trace(go.Heatmap(z=view.heat, x=centres, y=centres, colorscale="Viridis", opacity=0.55,
                              customdata=np.arange(grid * grid).reshape(grid, grid),
                              hovertemplate="patch %{customdata}<br>score %{z:.3f}<extra></extra>",
@@ -148,21 +157,40 @@ def pick_one() -> ltrp_view.ImageRef:
     else:
         paths = dict(zip(table.row, table.path))
         row = st.selectbox("Image of the group", group["rows"], format_func=paths.get, key="heat_group_pick")
-    return ltrp_view.images_at(name, [row])[0]
+    return image_at(name, int(row), generation)
 
 
-if mode == "One image":
+@st.cache_data(max_entries=256, ttl=300, show_spinner=False)
+def scores_of(rid: str, trained_at: str, image_id: str, generation: tuple, _image: ltrp_view.ImageRef):
+    """The image's score map (stored, else computed now), read once per (ranker, image)."""
+    return scoring.image_scores(name, rid, _image, ranker)
+
+
+@st.cache_data(max_entries=64, ttl=300, show_spinner=False)
+def model_and_display(image_id: str, path: str, size: int, _image: ltrp_view.ImageRef):
+    """What the model sees and the same region at display resolution: read from the source file once."""
+    return ltrp_view.model_input(_image, size), ltrp_view.display_image(_image)
+
+
+@st.cache_data(max_entries=64, ttl=300, show_spinner=False)
+def display_uri(image_id: str, path: str, _display: np.ndarray) -> str:
+    return widgets.data_uri(widgets.upscale(_display, 360))  # small images: nearest neighbours, crisp
+
+
+def one_image(keep_ratio: float) -> None:
     image = pick_one()
-    scores, stored = scoring.image_scores(name, rid, image, ranker)
-    view = ltrp_view.image_view(mae, image, scores, keep_ratio)  # the model's input size; the source for display
-    m1, m2, m3 = st.columns(3)
-    m1.metric("Kept patches", f"{len(view.keep)} / {view.scores.size}")
+    scores, stored = scores_of(rid, str(ranker_row.created_at), image.image_id, generation, image)
+    n_kept = len(ltrp_ranker.top_k(scores, keep_ratio))
+    m1, m2, m3 = st.columns(3)  # first: the count is on screen before the reconstruction is computed
+    m1.metric("Kept patches", f"{n_kept} / {scores.size}")
     m2.metric("Class", widgets.md_text(image.label) if image.label else "—")  # a metric's value is Markdown
     m3.metric("Score map", "stored" if stored else "computed now")
     st.caption(f"{widgets.md_text(image.path)} · content id {widgets.md_text(image.image_id)}")
+    pixels, display = model_and_display(image.image_id, image.path, mae.cfg.img_size, image)
+    view = ltrp_view.patch_view(mae, pixels, scores, keep_ratio, display)  # the model's input; the source shown
     left, right = st.columns([3, 4])
     with left:
-        st.plotly_chart(heat_figure(view), key="heatmap")
+        st.plotly_chart(heat_figure(view, image), key="heatmap")
     with right:
         a, b, c = st.columns(3)
         a.image(widgets.upscale(view.display, 168), caption="original")
@@ -171,24 +199,62 @@ if mode == "One image":
     st.caption("Brighter = more informative: removing that patch changes the MAE's reconstruction of the"
                " hidden patches most. Red frames: the patches kept at this ratio. The reconstruction shows the"
                " kept patches as they are and the MAE's prediction everywhere else.")
-elif mode == "Class grid":
+
+
+@st.cache_data(max_entries=16, ttl=300, show_spinner=False)
+def class_scores(rid: str, label: str, generation: tuple):
+    return scoring.load_scores(name, rid, label=label)
+
+
+def class_grid() -> None:
     a, b = st.columns(2)
     label = a.selectbox("Class", sorted(table.label.unique()), key="grid_class")
     count = b.slider("Images", 4, 64, 24, 4, key="grid_count")
-    shown, maps = scoring.load_scores(name, rid, label=label)
+    shown, maps = class_scores(rid, label, generation)
     st.caption(f"The first {min(count, len(shown))} of {len(shown):,} scored images of {widgets.md_text(label)},"
                " each under its"
                " score map (brighter = more informative).")
     shown, maps = shown.head(count), maps[:count]
     originals = ltrp_view.display_squares(name, shown.row.to_numpy())  # display thumbnails, the model's region
     thumbnails([ltrp_view.heat_overlay(o, s, grid) for o, s in zip(originals, maps)], list(shown.path.str[-9:]))
-else:
+
+
+@st.cache_data(max_entries=8, ttl=300, show_spinner=False)
+def group_maps(rid: str, trained_at: str, rows: tuple, generation: tuple):
+    """The group's display squares, score maps and file names: read and scored once per group."""
+    refs = [image_at(name, r, generation) for r in rows]
+    group_scores = [scores_of(rid, trained_at, r.image_id, generation, r)[0] for r in refs]
+    squares = ltrp_view.display_squares(name, list(rows))  # display thumbnails, the model's region
+    return squares, group_scores, [r.path.rsplit("/", 1)[-1] for r in refs]
+
+
+def group_view(keep_ratio: float) -> None:
     st.subheader(widgets.md_text(group.get("title", "Redundant group")))  # it holds the group's label
     st.caption("The group's images side by side (from the Redundant groups page): score maps, then the patches"
                f" kept at {keep_ratio:.2f}.")
-    refs = ltrp_view.images_at(name, group["rows"])
-    group_scores = [scoring.image_scores(name, rid, r, ranker)[0] for r in refs]
-    squares = ltrp_view.display_squares(name, group["rows"])  # display thumbnails, the model's region
-    captions = [r.path.rsplit("/", 1)[-1] for r in refs]
+    squares, group_scores, captions = group_maps(rid, str(ranker_row.created_at),
+                                                 tuple(int(r) for r in group["rows"]), generation)
     thumbnails([ltrp_view.heat_overlay(q, s, grid) for q, s in zip(squares, group_scores)], captions)
     thumbnails([ltrp_view.kept_at(q, s, grid, keep_ratio) for q, s in zip(squares, group_scores)], captions)
+
+
+@st.fragment
+def heatmaps() -> None:
+    """The views in one fragment: the keep ratio, the view and the pickers rerun only this part (the
+    pickers above it, the ranker and the job notices do not run again)."""
+    views = ["One image", "Class grid"] + (["Redundant group"] if group else [])
+    if group and st.session_state.pop("heatmap_group_new", False):
+        st.session_state["heat_mode"] = "Redundant group"
+    c1, c2 = st.columns([2, 3])
+    mode = c1.radio("View", views, horizontal=True, key="heat_mode")
+    keep_ratio = c2.slider("Keep ratio", 0.05, 1.0, 0.5, 0.05, key="keep_ratio",
+                           help="The share of patches kept: the round(ratio × patches) highest-scoring ones.")
+    if mode == "One image":
+        one_image(keep_ratio)
+    elif mode == "Class grid":
+        class_grid()
+    else:
+        group_view(keep_ratio)
+
+
+heatmaps()

@@ -69,10 +69,11 @@ except ValueError:
     st.stop()
 
 
-@st.cache_resource(max_entries=3, show_spinner=False)
-def pixel_cache(name: str, version: str) -> widgets.Gallery:
-    """The images as shown: display thumbnails, else the pixel cache's rows."""
-    return widgets.Gallery(name, version)
+@st.cache_resource(max_entries=32, show_spinner=False)
+def cut_of(name: str, bid: str, linkage: str, version: str, fraction: float | None, threshold: float | None):
+    """The cut at these settings, kept with the representatives it has chosen so far (a class picker or
+    page change at the same cut chooses only those of classes not shown before)."""
+    return index.cut(fraction=fraction, threshold=threshold)
 
 
 @st.cache_data(max_entries=4, ttl=30, show_spinner=False)
@@ -91,7 +92,7 @@ def conflicts(name: str, bid: str, version: str):
     return review.conflict_state(name, bid), review.label_conflicts(name, bid)
 
 
-pixels = pixel_cache(name, version)
+pixels = widgets.gallery(name, version)  # display thumbnails, else the pixel cache's rows
 
 
 @st.fragment
@@ -110,7 +111,7 @@ def cut_panel() -> None:
                            format_func=lambda r: REPRESENTATIVE_WORDS[r].capitalize(),
                            help="The paper keeps one image per group; which one is not stated. Default: the"
                                 " image closest to its group's average embedding.")
-    cut = index.cut(**settings)
+    cut = cut_of(name, bid, linkage, version, settings.get("fraction"), settings.get("threshold"))
     n_all, n_kept = index.n, cut.n_groups
     m1, m2, m3 = st.columns(3)
     m1.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {clusterings.SUBSET_SPLIT} images")
@@ -136,7 +137,10 @@ def cut_panel() -> None:
         export_section(settings, rule)
 
 
+@st.fragment
 def groups_section(cut, rule: str) -> None:
+    """A fragment of its own: the class picker and the page stepper rerun only this section (not the
+    metrics and the per-class table above it), with the cut of the last slider position."""
     f1, f2, f3 = st.columns(3)
     label = f1.selectbox("Class", ["(all)"] + list(index.labels), key="group_class")
     largest = cut.largest(None if label == "(all)" else label)
@@ -158,9 +162,9 @@ def groups_section(cut, rule: str) -> None:
         more = int(sizes[g]) - len(shown)
         title = f"Group {g} · {image_labels[kept]} · {int(sizes[g]):,} images"
         captions.append(widgets.md_text(title + (f" (+{more:,} more not shown)" if more > 0 else "")))
-        sheets.append(widgets.sheet(pixels, image_rows[shown], kept=int(image_rows[kept])))  # cached per group
+        sheets.append((image_rows[shown], int(image_rows[kept])))
         heat[g] = (title, [int(r) for r in image_rows[shown[:12]]])
-    st.image(sheets, caption=captions)
+    st.image(pixels.sheets(sheets), caption=captions)  # made once per group, the new ones in one read
     h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
     g = h1.selectbox("Look inside a group", list(heat), key="heat_group_pick",
                      format_func=lambda g: heat[g][0])  # a select box shows its options as plain text
@@ -209,7 +213,9 @@ def map_section(settings: dict, rule: str) -> None:
     st.plotly_chart(fig, key="kept_map")
 
 
+@st.fragment
 def review_section() -> None:
+    """A fragment of its own: its slider and page stepper rerun only this section."""
     st.subheader("Exact duplicates")
     dups = duplicates(name, version)
     st.caption("Files with identical bytes, or different files that decode to identical pixels.")
@@ -243,10 +249,12 @@ def review_section() -> None:
         st.dataframe(review.pairs_by_class(listed), hide_index=True)
     n_pages = max(1, -(-len(listed) // PAIRS_PER_PAGE))
     page = min(st.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="conflict_page"), n_pages) - 1
-    for r in listed.iloc[page * PAIRS_PER_PAGE:(page + 1) * PAIRS_PER_PAGE].itertuples():
+    shown = listed.iloc[page * PAIRS_PER_PAGE:(page + 1) * PAIRS_PER_PAGE]
+    images = pixels.get(list(shown.row_a) + list(shown.row_b))  # one read for the page's pairs
+    for i, r in enumerate(shown.itertuples()):
         a, b, info = st.columns([1, 1, 4])
-        a.image(widgets.upscale(np.asarray(pixels[r.row_a])))
-        b.image(widgets.upscale(np.asarray(pixels[r.row_b])))
+        a.image(widgets.upscale(images[i]))
+        b.image(widgets.upscale(images[len(shown) + i]))
         info.text(f"{r.label_a}  vs  {r.label_b}   (cosine distance {r.distance:.4f})\n{r.path_a}\n{r.path_b}")
 
 

@@ -108,17 +108,57 @@ class Gallery:
     cache's rows (small images such as Fashion-MNIST, and caches scanned before thumbnails existed).
 
     `version`: anything that changes when the dataset is scanned again (default: its scan time); the
-    cached group sheets (`sheet`) are keyed by it."""
+    group sheets (`sheets`) are kept per version. Keep one Gallery per (dataset, version) (`gallery`): it
+    holds the memory-mapped pixel cache, whether the dataset has any thumbnail, and the latest sheets,
+    so a slider move reads the store once for all the groups it shows, or not at all."""
+
+    SHEETS_KEPT = 256
 
     def __init__(self, name: str, version: str | None = None):
+        import threading
+        from collections import OrderedDict
+
         self.name = name
         self.version = version if version is not None else str(catalog.get_dataset(name)["scanned_at"])
+        self._lock = threading.Lock()
+        self._pixels = None
+        self._has_thumbnails: bool | None = None
+        self._sheets: OrderedDict = OrderedDict()
 
     def get(self, rows) -> list[np.ndarray]:
-        return catalog.display_images(self.name, rows)
+        rows = [int(r) for r in rows]
+        if self._has_thumbnails is None:
+            self._has_thumbnails = catalog.has_thumbnails(self.name)
+        if self._has_thumbnails:
+            return catalog.display_images(self.name, rows)
+        if self._pixels is None:
+            self._pixels = catalog.load_pixels(self.name)
+        return [np.asarray(self._pixels[r]) for r in rows]
 
     def __getitem__(self, row) -> np.ndarray:
         return self.get([row])[0]
+
+    def sheets(self, groups: list[tuple[list, int | None]]) -> list[bytes]:
+        """`sheet` of each (rows, kept): the images of the sheets not made yet are read in one go."""
+        keys = [(tuple(int(r) for r in rows), None if kept is None else int(kept)) for rows, kept in groups]
+        with self._lock:
+            missing = list(dict.fromkeys(k for k in keys if k not in self._sheets))
+            if missing:
+                wanted = list(dict.fromkeys(r for rows, _ in missing for r in rows))
+                images = dict(zip(wanted, self.get(wanted)))
+                for rows, kept in missing:
+                    self._sheets[(rows, kept)] = _encode_sheet(*_compose(images, rows, kept, 12, SMALL_TILE, 4))
+            for k in keys:
+                self._sheets.move_to_end(k)
+            while len(self._sheets) > self.SHEETS_KEPT:
+                self._sheets.popitem(last=False)
+            return [self._sheets[k] for k in keys]
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def gallery(name: str, version: str) -> Gallery:
+    """The page's `Gallery` of `name` at `version` (e.g. its scan time, or a clustering's state version)."""
+    return Gallery(name, version)
 
 
 def data_uri(img: np.ndarray) -> str:
@@ -141,7 +181,7 @@ def image_grid(pixels: np.ndarray | Gallery, rows: np.ndarray, captions: list[st
     if len(rows) == 0:
         st.caption("no images")
         return
-    images = pixels.get(rows) if isinstance(pixels, Gallery) else [np.asarray(pixels[r]) for r in rows]
+    images = _images(pixels, rows)
     for i, (row, img) in enumerate(zip(rows, images)):
         if i % columns == 0:  # one st.columns per line: a caption on two lines never shifts a column down
             cols = st.columns(columns)
@@ -306,7 +346,7 @@ def _compose(pixels, rows, kept, columns: int, tile: int, gap: int) -> tuple[np.
     rows = [int(r) for r in rows]
     if kept is not None and kept in rows:
         rows = [kept] + [r for r in rows if r != kept]
-    images = pixels.get(rows) if isinstance(pixels, Gallery) else [np.asarray(pixels[r]) for r in rows]
+    images = _images(pixels, rows)
     photos = any(max(img.shape[:2]) > tile for img in images)
     if photos:
         tile, columns = PHOTO_TILE, PHOTO_COLUMNS
@@ -335,20 +375,25 @@ def _compose(pixels, rows, kept, columns: int, tile: int, gap: int) -> tuple[np.
     return sheet, photos
 
 
+def _images(pixels, rows) -> list[np.ndarray]:
+    """The images at `rows` of a `Gallery`, the pixel cache, or a dict of images by row."""
+    if isinstance(pixels, Gallery):
+        return pixels.get(rows)
+    return [np.asarray(pixels[int(r)]) for r in rows]
+
+
 def sheet(images: Gallery, rows, *, kept=None) -> bytes:
     """What `st.image` shows for a group: `mosaic` encoded once (PNG for small images, whose upscaled
-    pixels stay crisp; JPEG for photos), cached per (dataset version, rows, kept) so a slider move rebuilds
-    only the groups that changed."""
-    return _sheet(images.name, images.version, tuple(int(r) for r in rows), None if kept is None else int(kept))
+    pixels stay crisp; JPEG for photos), kept by the Gallery so a slider move rebuilds only the groups
+    that changed (`Gallery.sheets` makes many at once)."""
+    return images.sheets([(rows, kept)])[0]
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def _sheet(name: str, version: str, rows: tuple, kept: int | None) -> bytes:
+def _encode_sheet(img: np.ndarray, photos: bool) -> bytes:
     import io
 
     from PIL import Image
 
-    img, photos = _compose(Gallery(name, version), rows, kept, 12, SMALL_TILE, 4)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, **({"format": "JPEG", "quality": 92} if photos else {"format": "PNG"}))
     return buf.getvalue()

@@ -57,6 +57,14 @@ def load_pixels(name: str, store: Store | None = None) -> np.ndarray:
     return np.load(ds["pixels"], mmap_mode="r")
 
 
+def has_thumbnails(name: str, store: Store | None = None) -> bool:
+    """Whether any image of the dataset has a display thumbnail (small images such as Fashion-MNIST have
+    none: their pixel-cache rows are shown)."""
+    return bool((store or get_store()).query(
+        "SELECT EXISTS (SELECT 1 FROM images i JOIN thumbnails t USING (image_id) WHERE i.dataset = ?)",
+        [name])[0][0])
+
+
 def display_images(name: str, rows, store: Store | None = None) -> list[np.ndarray]:
     """The images at these pixel-cache rows as shown on screen, in that order: uint8 `[H, W, C]`.
 
