@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--prepare-ltrp", action="store_true", help="first build the demo with a ranker in --cache")
     ap.add_argument("--limit", type=int, default=300, help="--prepare-ltrp: images per split")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the bare Streamlit page (bench/bare_app.py)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -240,6 +241,8 @@ def main() -> None:
             browser.close()
     finally:
         stop_server(proc)
+    if not args.no_baseline:
+        results["bare"] = baseline(args.cache, args.moves)
     results["cut"] = cut_time(args.cache, args.dataset)
     results["load"] = {"before": load_before, "after": os.getloadavg()}
     report(results)
@@ -247,24 +250,52 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
+def baseline(cache: Path, moves: int) -> dict:
+    """The same measures on a bare Streamlit page (a slider and a metric): Streamlit's own floor here."""
+    from playwright.sync_api import sync_playwright
+
+    proc, url = start_server(cache, script="bench/bare_app.py")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            out = {"first_load_ms": open_page(page, url, "", "[data-testid=stMetric]"),
+                   "second_load_ms": open_page(page, url, "", "[data-testid=stMetric]")}
+            out["slider"] = stats(slider_moves(page, "bare", ("[data-testid=stMetric]", None), moves))
+            browser.close()
+    finally:
+        stop_server(proc)
+    return out
+
+
 def report(r: dict) -> None:
     cut_ms = 1000 * r["cut"]["index_cut_s"]
     print(f"{r['dataset']} ({r['cut']['images']:,} train images), code {r['root']}")
     print(f"load average {r['load']['before'][0]:.2f} before, {r['load']['after'][0]:.2f} after")
     print(f"first load {r['first_load_ms']:.0f} ms, second {r['second_load_ms']:.0f} ms")
+    bare = r.get("bare")
+    if bare:
+        b = bare["slider"]
+        print(f"bare Streamlit page (bench/bare_app.py), same machine and run: first load {bare['first_load_ms']:.0f} ms,"
+              f" second {bare['second_load_ms']:.0f} ms (ours / bare: {r['second_load_ms'] / bare['second_load_ms']:.2f});"
+              f" slider value p50 / p95 {b.get('value_p50', float('nan')):.0f} / {b.get('value_p95', float('nan')):.0f} ms,"
+              f" idle p50 / p95 {b.get('idle_p50', float('nan')):.0f} / {b.get('idle_p95', float('nan')):.0f} ms")
     print(f"pure cut (index, with the per-class table): {cut_ms:.1f} ms;"
           f" select_subset (every representative): {1000 * r['cut']['select_subset_s']:.1f} ms")
-    print("| widget | moves | value p50 | value p95 | idle p50 | idle p95 | value p95 / cut |")
-    print("|---|---|---|---|---|---|---|")
+    print("| widget | moves | value p50 | value p95 | idle p50 | idle p95 | value p95 / cut | value p95 / bare |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in ("fraction", "threshold", "class", "page", "keep_ratio"):
         s = r.get(w)
         if not s:
             continue
         if "skipped" in s or not s.get("n"):
-            print(f"| {w} | {s.get('n', 0)} | {s.get('skipped', 'no change seen')} | | | | |")
+            print(f"| {w} | {s.get('n', 0)} | {s.get('skipped', 'no change seen')} | | | | | |")
             continue
+        to_bare = (f"{s['value_p95'] / bare['slider']['value_p95']:.2f}" if bare and bare["slider"].get("n")
+                   else "")
         print(f"| {w} | {s['n']} (+{s['missed']} missed) | {s['value_p50']:.0f} ms | {s['value_p95']:.0f} ms |"
-              f" {s['idle_p50']:.0f} ms | {s['idle_p95']:.0f} ms | {s['value_p95'] / max(cut_ms, 1e-3):.1f} |")
+              f" {s['idle_p50']:.0f} ms | {s['idle_p95']:.0f} ms | {s['value_p95'] / max(cut_ms, 1e-3):.1f} |"
+              f" {to_bare} |")
 
 
 if __name__ == "__main__":

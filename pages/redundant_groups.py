@@ -122,8 +122,12 @@ def cut_panel() -> None:
         st.caption(f"**Evidence:** {said}" if said else
                    f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset"
                    " against random subsets and the full set.")
-    st.dataframe(cut.per_class(), hide_index=True, key="per_class", height=min(400, 38 + 35 * len(index.labels)),
-                 column_config={"kept_fraction": st.column_config.NumberColumn(format="%.3f")})
+    st.dataframe(cut.per_class().drop(columns="groups"), hide_index=True, key="per_class",  # groups = kept
+                 height=min(400, 38 + 35 * len(index.labels)),
+                 column_config={"label": "Class", "images": st.column_config.NumberColumn("Images", format="localized"),
+                                "kept": st.column_config.NumberColumn("Kept", format="localized"),
+                                "removed": st.column_config.NumberColumn("Removed", format="localized"),
+                                "kept_fraction": st.column_config.NumberColumn("Kept fraction", format="percent")})
     section = st.segmented_control("Show", SECTIONS, default=SECTIONS[0], key="groups_section") or SECTIONS[0]
     if section == "Groups":
         groups_section(cut, rule)
@@ -164,7 +168,7 @@ def groups_section(cut, rule: str) -> None:
         captions.append(widgets.md_text(title + (f" (+{more:,} more not shown)" if more > 0 else "")))
         sheets.append((image_rows[shown], int(image_rows[kept])))
         heat[g] = (title, [int(r) for r in image_rows[shown[:12]]])
-    st.image(pixels.sheets(sheets), caption=captions)  # made once per group, the new ones in one read
+    widgets.show_sheets(pixels, sheets, captions)  # made once per group, the new ones in one read
     h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
     g = h1.selectbox("Look inside a group", list(heat), key="heat_group_pick",
                      format_func=lambda g: heat[g][0])  # a select box shows its options as plain text

@@ -97,9 +97,7 @@ def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
 def outlined(img: np.ndarray, color=(230, 40, 40), width: int = 4) -> np.ndarray:
     """An upscaled thumbnail [H, W, 3] with a coloured frame (the kept image of a group)."""
     img = upscale(img)
-    rgb = np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img.copy()
-    rgb[:width], rgb[-width:], rgb[:, :width], rgb[:, -width:] = color, color, color, color
-    return rgb
+    return framed(np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img, width, color)
 
 
 class Gallery:
@@ -108,7 +106,7 @@ class Gallery:
     cache's rows (small images such as Fashion-MNIST, and caches scanned before thumbnails existed).
 
     `version`: anything that changes when the dataset is scanned again (default: its scan time); the
-    group sheets (`sheets`) are kept per version. Keep one Gallery per (dataset, version) (`gallery`): it
+    group sheets (`sheets`, shown by `show_sheets`) are kept per version. Keep one Gallery per (dataset, version) (`gallery`): it
     holds the memory-mapped pixel cache, whether the dataset has any thumbnail, and the latest sheets,
     so a slider move reads the store once for all the groups it shows, or not at all."""
 
@@ -139,7 +137,8 @@ class Gallery:
         return self.get([row])[0]
 
     def sheets(self, groups: list[tuple[list, int | None]]) -> list[bytes]:
-        """`sheet` of each (rows, kept): the images of the sheets not made yet are read in one go."""
+        """The encoded `mosaic` (PNG; JPEG for photos) of each (rows, kept): the images of the sheets not made
+        yet are read in one go."""
         keys = [(tuple(int(r) for r in rows), None if kept is None else int(kept)) for rows, kept in groups]
         with self._lock:
             missing = list(dict.fromkeys(k for k in keys if k not in self._sheets))
@@ -147,7 +146,7 @@ class Gallery:
                 wanted = list(dict.fromkeys(r for rows, _ in missing for r in rows))
                 images = dict(zip(wanted, self.get(wanted)))
                 for rows, kept in missing:
-                    self._sheets[(rows, kept)] = _encode_sheet(*_compose(images, rows, kept, 12, SMALL_TILE, 4))
+                    self._sheets[(rows, kept)] = _encode_sheet(*_compose(images, rows, kept))
             for k in keys:
                 self._sheets.move_to_end(k)
             while len(self._sheets) > self.SHEETS_KEPT:
@@ -323,23 +322,30 @@ def md_text(text) -> str:
     return "".join("\\" + ch if ch in specials else ch for ch in str(text)).replace("\n", " ")
 
 
-# Group sheets: small images (at most SMALL_TILE px) as today, upscaled with nearest neighbours, 12 a line;
-# photos (display thumbnails) 8 a line in PHOTO_TILE px tiles: with Streamlit's 1,460 px cap on an
-# image's width, 8 x 176 px tiles show at 1.4-2 image pixels per screen pixel in the usual 700-1,000 px
-# wide content column, so they stay sharp on high-density screens.
-SMALL_TILE, PHOTO_TILE, PHOTO_COLUMNS = 84, 176, 8
+# Group sheets: small images (at most SMALL_TILE px: digits, Fashion-MNIST, CIFAR) at their own size, 12 a
+# line, drawn crisp by the browser (`show_sheets`: `image-rendering: pixelated` as it scales the sheet to
+# the column), so a sheet is a few hundred bytes and a millisecond to make (84-px upscaled tiles took
+# 28 ms a sheet at load 8); photos (display thumbnails) 8 a line in PHOTO_TILE px tiles: with Streamlit's
+# 1,460 px cap on an image's width, 8 x 176 px tiles show at 1.4-2 image pixels per screen pixel in the
+# usual 700-1,000 px wide content column, so they stay sharp on high-density screens. Every sheet has a
+# full line's width (white beyond a small group's images), so all are drawn at one scale.
+SMALL_TILE, SMALL_COLUMNS, PHOTO_TILE, PHOTO_COLUMNS = 84, 12, 176, 8
+SHEET_GAP, PHOTO_FRAME = 4, 6
+KEPT_COLOR = (230, 40, 40)
+PIXELATED_CSS = ("<style>.st-key-group_sheets img { image-rendering: pixelated; }"
+                 " .st-key-group_sheets [data-testid=stImageCaption] { text-align: left; }</style>")
 
 
-def mosaic(pixels: np.ndarray | Gallery, rows, *, kept=None, columns: int = 12, tile: int = SMALL_TILE,
-           gap: int = 4) -> np.ndarray:
-    """One RGB image [H, W, 3] of the thumbnails at pixel-cache `rows` (of the pixel cache or a `Gallery`),
-    `columns` per line; the row `kept` (if any) comes first with a red frame. One image instead of one
-    element per thumbnail keeps a page of groups cheap to draw. Images larger than `tile` (photos) get
-    `PHOTO_TILE` px tiles, `PHOTO_COLUMNS` a line, each scaled to fit with its aspect kept."""
-    return _compose(pixels, rows, kept, columns, tile, gap)[0]
+def mosaic(pixels: np.ndarray | Gallery, rows, *, kept=None) -> np.ndarray:
+    """One RGB image [H, W, 3] of the thumbnails at pixel-cache `rows` (of the pixel cache or a `Gallery`);
+    the row `kept` (if any) comes first with a red frame. One image instead of one element per thumbnail
+    keeps a page of groups cheap to draw. Small images (at most SMALL_TILE px) keep their own size,
+    SMALL_COLUMNS a line; photos get `PHOTO_TILE` px tiles, `PHOTO_COLUMNS` a line, each scaled to fit
+    with its aspect kept."""
+    return _compose(pixels, rows, kept)[0]
 
 
-def _compose(pixels, rows, kept, columns: int, tile: int, gap: int) -> tuple[np.ndarray, bool]:
+def _compose(pixels, rows, kept) -> tuple[np.ndarray, bool]:
     """`mosaic`, and whether it used the photo layout."""
     from PIL import Image
 
@@ -347,32 +353,48 @@ def _compose(pixels, rows, kept, columns: int, tile: int, gap: int) -> tuple[np.
     if kept is not None and kept in rows:
         rows = [kept] + [r for r in rows if r != kept]
     images = _images(pixels, rows)
-    photos = any(max(img.shape[:2]) > tile for img in images)
+    photos = any(max(img.shape[:2]) > SMALL_TILE for img in images)
     if photos:
-        tile, columns = PHOTO_TILE, PHOTO_COLUMNS
+        tile, columns, gap = PHOTO_TILE, PHOTO_COLUMNS, SHEET_GAP
+    else:  # the browser scales the sheet ~3x for 28-px images: a 1-px gap and frame read as 3 px
+        tile, columns = max(max(img.shape[:2]) for img in images), SMALL_COLUMNS
+        gap = max(1, round(tile * SHEET_GAP / SMALL_TILE))
     lines = -(-len(rows) // columns)
-    width = min(len(rows), columns)
-    sheet = np.full((lines * (tile + gap) - gap, width * (tile + gap) - gap, 3), 255, np.uint8)
+    sheet = np.full((lines * (tile + gap) - gap, columns * (tile + gap) - gap, 3), 255, np.uint8)
     for i, (row, img) in enumerate(zip(rows, images)):
+        if img.ndim == 2:
+            img = img[:, :, None]
         if photos:
             h, w = img.shape[:2]
             scale = min(tile / h, tile / w)
             fitted = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
             thumb = np.asarray(fitted.resize((max(1, round(w * scale)), max(1, round(h * scale))),
                                              Image.Resampling.BICUBIC))
-            if row == kept:
-                thumb = thumb.copy()
-                frame = 6
-                thumb[:frame], thumb[-frame:], thumb[:, :frame], thumb[:, -frame:] = [(230, 40, 40)] * 4
         else:
-            thumb = outlined(img) if row == kept else upscale(img)
-            if thumb.ndim == 2:
-                thumb = np.repeat(thumb[:, :, None], 3, axis=2)
-            thumb = thumb[:tile, :tile]
-        y = (i // columns) * (tile + gap) + (tile - thumb.shape[0]) // 2 * photos
-        x = (i % columns) * (tile + gap) + (tile - thumb.shape[1]) // 2 * photos
+            thumb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+        if row == kept:
+            thumb = framed(thumb, PHOTO_FRAME if photos else gap)
+        y = (i // columns) * (tile + gap) + (tile - thumb.shape[0]) // 2
+        x = (i % columns) * (tile + gap) + (tile - thumb.shape[1]) // 2
         sheet[y:y + thumb.shape[0], x:x + thumb.shape[1]] = thumb
     return sheet, photos
+
+
+def framed(rgb: np.ndarray, width: int, color=KEPT_COLOR) -> np.ndarray:
+    """A copy of an RGB image [H, W, 3] with a `width`-px frame inside its border."""
+    rgb = rgb.copy()
+    rgb[:width], rgb[-width:], rgb[:, :width], rgb[:, -width:] = color, color, color, color
+    return rgb
+
+
+def show_sheets(images: Gallery, groups: list[tuple[list, int | None]], captions: list[str]) -> None:
+    """The sheets of (rows, kept) groups as ONE image list (one element: each element costs the browser
+    a re-render of the page while a rerun streams in), each as wide as the column, small images scaled
+    by the browser with crisp pixels."""
+    sheets = images.sheets(groups)
+    with st.container(key="group_sheets"):
+        st.html(PIXELATED_CSS)
+        st.image(sheets, caption=captions if any(captions) else None, width="stretch")
 
 
 def _images(pixels, rows) -> list[np.ndarray]:
@@ -380,13 +402,6 @@ def _images(pixels, rows) -> list[np.ndarray]:
     if isinstance(pixels, Gallery):
         return pixels.get(rows)
     return [np.asarray(pixels[int(r)]) for r in rows]
-
-
-def sheet(images: Gallery, rows, *, kept=None) -> bytes:
-    """What `st.image` shows for a group: `mosaic` encoded once (PNG for small images, whose upscaled
-    pixels stay crisp; JPEG for photos), kept by the Gallery so a slider move rebuilds only the groups
-    that changed (`Gallery.sheets` makes many at once)."""
-    return images.sheets([(rows, kept)])[0]
 
 
 def _encode_sheet(img: np.ndarray, photos: bool) -> bytes:

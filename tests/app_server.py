@@ -23,15 +23,16 @@ def free_port() -> int:
 
 
 def start_server(cache: Path, *, code_root: Path = ROOT, watcher: str | None = None,
-                 timeout: float = 120) -> tuple[subprocess.Popen, str]:
+                 timeout: float = 120, script: str = "app.py") -> tuple[subprocess.Popen, str]:
     """`streamlit run app.py` from `code_root` (another checkout to compare against, say) on a free
     loopback port with REDEX_CACHE=cache; returns (process, url) once it answers its health check.
-    `watcher`: Streamlit's fileWatcherType, if not the one `.streamlit/config.toml` sets."""
+    `watcher`: Streamlit's fileWatcherType, if not the one `.streamlit/config.toml` sets; `script`: another
+    script to serve (e.g. a benchmark's baseline), relative to `code_root`."""
     port = free_port()
     env = dict(os.environ, REDEX_CACHE=str(cache), PYTHONPATH=str(code_root))
     flags = ["--server.fileWatcherType", watcher] if watcher else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+        [sys.executable, "-m", "streamlit", "run", script, "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
          *flags], cwd=code_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
