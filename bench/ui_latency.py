@@ -238,6 +238,7 @@ def main() -> None:
                     results["keep_ratio"] = stats(slider_moves(page, "keep_ratio", metric, args.moves))
                 except Exception as exc:  # noqa: BLE001 - no ranker for this dataset
                     results["keep_ratio"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            results["server_memory"] = server_memory(proc.pid)
             browser.close()
     finally:
         stop_server(proc)
@@ -248,6 +249,12 @@ def main() -> None:
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def server_memory(pid: int) -> dict:
+    """The server process's resident memory now and its peak (MiB), from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_mib": int(fields["VmRSS"].split()[0]) / 1024, "peak_mib": int(fields["VmHWM"].split()[0]) / 1024}
 
 
 def baseline(cache: Path, moves: int) -> dict:
@@ -273,6 +280,9 @@ def report(r: dict) -> None:
     print(f"{r['dataset']} ({r['cut']['images']:,} train images), code {r['root']}")
     print(f"load average {r['load']['before'][0]:.2f} before, {r['load']['after'][0]:.2f} after")
     print(f"first load {r['first_load_ms']:.0f} ms, second {r['second_load_ms']:.0f} ms")
+    if "server_memory" in r:
+        m = r["server_memory"]
+        print(f"server process after the moves: {m['rss_mib']:,.0f} MiB resident, peak {m['peak_mib']:,.0f} MiB")
     bare = r.get("bare")
     if bare:
         b = bare["slider"]

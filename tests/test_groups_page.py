@@ -59,3 +59,21 @@ def test_duplicates_section_shows_a_table_not_source_or_help(clustered):  # noqa
     dups = at.dataframe[1].value  # [0] is the per-class table
     assert {"identical bytes", "identical pixels"} <= set(dups.kind)
     assert any("mislabelled.png" in t.value for t in at.text)  # the planted label conflict, listed
+
+
+def test_threshold_slider_scale_follows_the_merge_distances(clustered):  # noqa: F811
+    # A fixed 0-1 scale in steps of 0.005 jumped from every image kept to 92 % in one step on Fashion-MNIST
+    # (near copies are a few thousandths apart) and its default of 0.05 kept 9 %: the scale comes from the
+    # clustering's own distances, and the default keeps about as much as the fraction slider's 0.9.
+    name, _, _ = clustered
+    at = run_page("pages/redundant_groups.py", dataset=name)
+    at.radio(key="cut_mode").set_value("threshold").run()
+    assert not at.exception
+    slider = at.slider(key="threshold")
+    index = clusterings.cut_index(clusterings.load_clustering(name))
+    top, step = slider.max, slider.step
+    assert index.cut(threshold=top).n_groups <= max(0.02 * index.n, len(index.labels))  # 1 % kept, rounded up
+    assert top == float(f"{top:.0e}") and top / 1000 <= step <= top / 400  # 1-2-5 numbers, ~500 steps
+    assert 0.8 <= kept(at) / index.n <= 0.95 and slider.value >= step  # about the fraction slider's 0.9
+    at.slider(key="threshold").set_value(top).run()
+    assert kept(at) == index.cut(threshold=top).n_groups

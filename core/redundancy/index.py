@@ -65,6 +65,16 @@ class CutIndex:
     def n(self) -> int:
         return len(self.member)
 
+    def threshold_for(self, kept: float) -> float:
+        """The cosine distance at which about a share `kept` of the images is kept: a threshold cut keeps one
+        image per position whose merge is above it (+inf at each class's first position)."""
+        if not 0.0 < kept <= 1.0:
+            raise ValueError(f"kept must be in (0, 1], got {kept}")
+        finite = self.height[np.isfinite(self.height)]
+        if not len(finite):
+            return 0.0
+        return float(min(np.quantile(self.height, 1.0 - kept, method="lower"), finite.max()))
+
     def cut(self, *, fraction: float | None = None, threshold: float | None = None) -> Cut:
         """The groups at `fraction` (each class keeps k_c = max(1, round(f * n_c)) groups) or at a
         cosine-distance `threshold`; exactly one must be given."""
