@@ -165,3 +165,22 @@ def test_ltrp_with_a_224_px_mae_reads_the_source_files_at_224(store, photos, tmp
     fallback = inputs.resize_square(np.asarray(catalog.load_pixels(name, store)[int(table.row[1])]), 224)
     np.testing.assert_allclose(rescored[1], ltrp_ranker.score_maps(ranker, fallback[None])[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rescored[0], maps[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_what_the_reader_needs(tmp_path):
+    # `open_image(path, min_side)` promised a reduced-scale JPEG decode and never asked libjpeg for one: a
+    # 3-9 Mpx photo was decoded whole for a 235 px model input (3.8x the CPU of the reduced decode).
+    require_photos()
+    from tests.photos import WALLPAPERS, SOURCES
+
+    path = WALLPAPERS / SOURCES["default"]  # a large JPEG
+    full = decode.open_image(path)
+    assert min(full.size) >= 4 * 235
+    small = decode.open_image(path, 235)
+    assert 235 <= min(small.size) < 2 * 235  # 1/2, 1/4 or 1/8 of the file, never below what was asked
+    assert abs(small.size[0] / small.size[1] - full.size[0] / full.size[1]) < 0.01
+    near = np.asarray(full.resize(small.size, Image.Resampling.BOX), np.float32)
+    assert np.abs(np.asarray(small, np.float32) - near).mean() < 4  # the same picture, on a 0-255 scale
+    png = tmp_path / "same.png"
+    full.save(png)
+    assert decode.open_image(png, 235).size == full.size  # other formats have no reduced decode: whole

@@ -264,7 +264,8 @@ def test_cached_weights_embed_source_files_at_the_pretrained_config(store, photo
     table = catalog.images_table(name, store)
     pixels = catalog.load_pixels(name, store)
     for path, vec in stored.items():
-        np.testing.assert_allclose(vec, features(model, open_image(root / path)), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(vec, features(model, open_image(root / path, model.decode_side)), atol=1e-4,
+                                   rtol=1e-4)
         row_px = pixels[int(table[table.path == path].row.iloc[0])]
         with torch.inference_mode():
             old = model.forward_features(torch.from_numpy(np.array(row_px)).permute(2, 0, 1)[None]).numpy()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import signal
 import warnings
@@ -226,6 +227,9 @@ def _open(data: bytes, min_side: int | None = None) -> Image.Image:
             if w * h > MAX_PIXELS:
                 raise BadImage(f"decompression bomb: {w}x{h} = {w * h:,} pixels (limit {MAX_PIXELS:,};"
                                " REDEX_MAX_PIXELS raises it)")
+            if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
+                scale = min_side / min(w, h)  # libjpeg scales by 1/2, 1/4 or 1/8 and keeps at least this size
+                im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
         except BadImage:
             raise

@@ -43,7 +43,9 @@ def backbone_id(dataset: str, spec: str, *, recipe: dict | None = None, checkpoi
         raise ValueError(f"the id of pretrained backbone {spec} needs its loaded model (load_timm)")
     ds = get_dataset(dataset, store)
     reads = "files" if reads_source_files(ds) else f"px{ds['image_size']}x{ds['channels']}"
-    what = to_json({"weights": model.weights, "data": model.data_config, "reads": reads})
+    # "decode": JPEGs are decoded at a reduced scale (`ImageReader`); ids from before it differ, so their
+    # vectors (from full-resolution decodes) are never mixed with these
+    what = to_json({"weights": model.weights, "data": model.data_config, "reads": reads, "decode": "jpeg-draft"})
     ident = (f"{spec}@{reads}-{model.input_size[-1]}px."
              f"{hashlib.blake2b(what.encode(), digest_size=4).hexdigest()}")
     if checkpoint:
@@ -259,7 +261,8 @@ def _embed_pretrained(name: str, model, bid: str, store: Store, ctx: JobContext 
 
     def embed(rows: np.ndarray) -> np.ndarray:
         if pixels is None:
-            reader = ImageReader(model.transform, files=[root / path_of[int(r)] for r in rows])
+            reader = ImageReader(model.transform, files=[root / path_of[int(r)] for r in rows],
+                                 min_side=model.decode_side)
         else:
             reader = ImageReader(model.transform, pixels=np.asarray(pixels[rows]))
         vectors, bad = embed_images(model, reader, batch_size=batch_size, num_workers=workers)
