@@ -108,15 +108,21 @@ PLAIN = {
     "complete": "complete linkage (every pair close)",
     "average": "average linkage",
     "single": "single linkage (chains of close pairs)",
+    # training recipes
+    "sgd": "SGD with momentum",
+    "adamw": "AdamW",
+    "flip_crop": "flips and random crops",
 }
 
 
 def arch_name(arch: str) -> str:
-    """'resnet8s2' -> 'ResNet-8 (stride-2 stem)', 'resnet20' -> 'ResNet-20'; other names unchanged."""
-    m = re.fullmatch(r"resnet(\d+)(s2)?", arch)
+    """'resnet8s2' -> 'ResNet-8 (stride-2 stem)', 'resnet20' -> 'ResNet-20', 'resnet8s2aa' -> 'ResNet-8
+    (stride-2 stem, anti-aliased)'; other names unchanged."""
+    m = re.fullmatch(r"resnet(\d+)(s2)?(aa)?", arch)
     if not m:
         return arch
-    return f"ResNet-{m.group(1)}" + (" (stride-2 stem)" if m.group(2) else "")
+    notes = [n for n, on in (("stride-2 stem", m.group(2)), ("anti-aliased", m.group(3))) if on]
+    return f"ResNet-{m.group(1)}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def plain(name: str | None) -> str:
@@ -171,3 +177,82 @@ def plain_labels(names: Iterable[str]) -> dict[str, str]:
     words = {n: plain(n) for n in names}
     clash = Counter(words.values())
     return {n: f"{w} · variant {_variant(n)}" if clash[w] > 1 else w for n, w in words.items()}
+
+
+# -- jobs: what a kind does, and its parameters and result as key/value lines ------------------
+JOB_KINDS = {
+    "scan": "scan files",
+    "embed": "embeddings",
+    "project": "UMAP map",
+    "cluster": "merge trees",
+    "sweep": "training sweep",
+    "train": "training run",
+    "ltrp": "patch ranker",
+    "ltrp_score": "patch scoring",
+}
+
+
+def job_kind(kind: str | None) -> str:
+    """'cluster' -> 'merge trees', 'ltrp_score' -> 'patch scoring'; an unknown kind as given."""
+    return JOB_KINDS.get(kind or "", kind or "")
+
+
+# label of each key a job's parameters or result may hold; {unit} is what the job counts (files, runs or images)
+_FIELD_LABELS = {
+    "backbone": "backbone", "backbone_id": "backbone", "linkage": "linkage", "representative": "kept image",
+    "ranker_id": "patch ranker", "mae_id": "MAE", "run_key": "run key", "sweep_id": "sweep",
+    "epochs": "training epochs", "mae_epochs": "MAE training epochs", "ranker_epochs": "ranker training epochs",
+    "mask_ratio": "pseudo-score mask ratio", "checkpoint": "checkpoint file", "retrain": "train again",
+    "score": "score every image after training", "ray": "Ray cluster", "force": "train identical runs again",
+    "images": "images", "decoded": "images decoded", "converted": "images converted (kept)",
+    "skipped": "files skipped", "embedded": "images embedded", "total": "{unit} in all",
+    "unreadable": "images that could not be read", "built": "merge trees built", "points": "points on the map",
+    "classes": "classes", "runs": "runs trained", "done": "runs done", "failed": "runs failed",
+    "cancelled": "runs cancelled", "reused": "{unit} reused (unchanged)", "scored": "images scored",
+    "test_top1": "test top-1 accuracy", "seconds": "time", "fraction": "fraction kept", "seed": "seed",
+    "method": "subset", "n_train": "training images",
+}
+_KIND_LABELS = {  # where a key means something else for one kind of job
+    ("sweep", "runs"): "runs to train", ("sweep", "reused"): "identical finished runs reused",
+    ("scan", "reused"): "files unchanged since the last scan",
+    ("embed", "reused"): "images already embedded", ("ltrp_score", "reused"): "images already scored",
+    ("cluster", "reused"): "merge trees reused", ("cluster", "images"): "train images clustered",
+}
+_ID_KEYS = {"backbone", "backbone_id", "linkage", "representative", "ranker_id", "mae_id", "method"}
+
+
+def _field_value(key: str, value) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "test_top1" and isinstance(value, (int, float)):
+        return f"{100 * value:.2f} %"
+    if key == "seconds" and isinstance(value, (int, float)):
+        return duration(value)
+    if key == "mask_ratio" and isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_field_value(k, v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_field_value(key, v) for v in value) or "none"
+    return plain(value) if key in _ID_KEYS else str(value)
+
+
+def job_fields(kind: str | None, values: dict | None) -> list[tuple[str, str]]:
+    """A job's parameters or result as (label, value) pairs in plain words and units, for a person:
+    {'backbone_id': 'trained:resnet8s2@fm#1a2b3c4d', 'embedded': 70000} ->
+    [('backbone', 'ResNet-8 (stride-2 stem), trained on fm'), ('images embedded', '70,000')];
+    'test_top1' 0.912 -> '91.20 %', 'seconds' 190 -> '3 min 10 s', None -> 'default'. Unknown keys read
+    with spaces for underscores. The raw JSON stays available to experts elsewhere."""
+    unit = job_unit({"kind": kind})
+    out = []
+    for key, value in (values or {}).items():
+        label = _FIELD_LABELS.get(key, key.replace("_", " ")).format(unit=unit)
+        label = _KIND_LABELS.get((kind, key), label)
+        out.append((label, _field_value(key, value)))
+    return out

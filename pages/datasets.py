@@ -46,8 +46,9 @@ with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
                  "or a CSV/Parquet manifest with columns `path,label[,split]`.")
         path = st.text_input("Folder or manifest path", key="source_path")
         name = st.text_input("Name (optional)", key="source_name")
-        size = st.number_input("Working size in px (0 = native if <= 64, else 64)", min_value=0, value=0,
-                               key="source_size")
+        size = st.number_input("Working size in px (0 = native if <= 64, else 64)", min_value=0, max_value=sources.MAX_WORKING_SIZE,
+                               value=0, key="source_size", help="Every image is decoded once to this size (short side"
+                               " resized, centre crop) for the computations; at most 1,024 px.")
         if st.button("Add and scan", disabled=not path):
             try:
                 # Refused at once (nothing recorded) when the name breaks the rule or no sampled file is an
@@ -147,7 +148,9 @@ st.code(str(ds["source"]), language=None)
 left, right = st.columns([2, 3])
 with left:
     st.subheader("Classes")
-    st.dataframe(counts, hide_index=True)
+    st.dataframe(counts, hide_index=True, key="class_counts", column_config={
+        "label": st.column_config.TextColumn("class"),
+        **{c: st.column_config.NumberColumn(c, format="localized") for c in counts.columns if c != "label"}})
 with right:
     st.subheader(f"Problem files ({len(problems)})")
     if problems.empty:
@@ -172,12 +175,18 @@ if not backs.empty:
     labels = wording.plain_labels(backs.backbone_id)
     shown_backs = backs.assign(backbone=backs.backbone_id.map(labels), accuracy=100 * backs.accuracy)
     st.dataframe(shown_backs[["backbone", "embedded", "dim", "accuracy", "eval_split", "created_at", "backbone_id"]],
-                 hide_index=True, column_config={
-                     "embedded": st.column_config.NumberColumn("images embedded", format="%d"),
-                     "dim": st.column_config.NumberColumn("dimensions"),
-                     "accuracy": st.column_config.NumberColumn("accuracy %", format="%.2f",
-                                                               help="of the trained backbone, on eval_split"),
-                     "backbone_id": st.column_config.TextColumn("id", help="the id the CLI takes")})
+                 hide_index=True, key="backbones_table", column_config={
+                     "backbone": st.column_config.TextColumn("backbone", width=290),
+                     "embedded": st.column_config.NumberColumn("images embedded", format="localized", width=115),
+                     "dim": st.column_config.NumberColumn("dimensions", width=80),
+                     "accuracy": st.column_config.NumberColumn("accuracy %", format="%.2f", width=85,
+                                                               help="of the trained backbone, on the split named"
+                                                                    " next (pretrained backbones: none)"),
+                     "eval_split": st.column_config.TextColumn("measured on", width=90),
+                     "created_at": st.column_config.DatetimeColumn("created", format="MMM D, HH:mm", width=105),
+                     "backbone_id": st.column_config.TextColumn("id (for the command line)", width=170,
+                                                                help="the id `redex project --backbone-id` and"
+                                                                     " `redex sweep --backbone-id` take")})
 @st.cache_data(ttl=120, show_spinner=False)
 def backbone_choices() -> list:
     """What can run here now and why not (HF cache, HF_HUB_OFFLINE, one short Hub probe), for 2 minutes."""
@@ -193,15 +202,16 @@ if blocked:
             st.caption(f"**{widgets.md_text(c.spec)}**: {widgets.md_text(c.reason)}")
 with st.form("embed"):
     picked = st.selectbox("Backbone", [c.spec for c in choices if c.can_run],
-                          format_func=lambda s: f"{s} ({reasons[s]})" if s.startswith("timm:")
-                          else f"{s}: {wording.plain(s)}, trained on this dataset",
+                          format_func=lambda s: f"{wording.plain(s)}: {reasons[s]} ({s})" if s.startswith("timm:")
+                          else f"{wording.plain(s)}, trained on this dataset ({s})",
                           help="Backbones that can run here now. trained:<arch> trains a classifier on this dataset's"
                                " train split (the paper's way); timm:<name> uses pretrained timm weights from the"
                                " Hugging Face cache (or downloads them) and reads each image at its pretrained size.")
     other = st.text_input("Other backbone (optional)", placeholder="timm:NAME",
                           help="Any trained:<arch> or timm:<name>; with a checkpoint file below, any timm model.")
     spec = other.strip() or picked
-    epochs = st.number_input("Training epochs (0 = the recipe's default)", min_value=0, value=0)
+    epochs = st.number_input("Training epochs (0 = the recipe's default)", min_value=0, max_value=500, value=0,
+                             key="embed_epochs")
     checkpoint = st.text_input("Checkpoint file (timm backbones, optional)")
     if st.form_submit_button("Embed all images", type="primary"):
         params = {"backbone": spec, "epochs": int(epochs) or None, "checkpoint": checkpoint or None}

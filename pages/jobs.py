@@ -21,6 +21,16 @@ def detail(job: dict, described: dict) -> str:
     return text[len(job["status"]) + 3:] if text.startswith(job["status"] + " · ") else text
 
 
+def fields(title: str, kind: str, values: dict | None, empty: str) -> None:
+    """A job's parameters or result as plain 'label: value' lines (`wording.job_fields`)."""
+    st.markdown(f"**{title}**")
+    lines = wording.job_fields(kind, values)
+    if not lines:
+        st.caption(empty)
+        return
+    st.markdown("\n".join(f"- {widgets.md_text(label)}: **{widgets.md_text(value)}**" for label, value in lines))
+
+
 def job_table(rows: list[dict]) -> None:
     """The table and one job's details; polls every 2 s only while a job is active."""
     first = [rows]
@@ -35,25 +45,27 @@ def job_table(rows: list[dict]) -> None:
             st.info("No jobs yet. Scanning, training, embedding and mapping all run here as background jobs.")
             return
         described = [jobs.describe(j) for j in rows]
-        kinds = {j["id"]: f"{j['kind']} · {j['status']}" for j in rows}
+        kinds = {j["id"]: f"{wording.job_kind(j['kind'])} · {j['status']}" for j in rows}
         table = pd.DataFrame([{
-            "id": j["id"], "kind": j["kind"], "lane": j.get("lane") or "",
-            "dataset": j["dataset"], "status": j["status"], "progress": d["fraction"], "detail": detail(j, d),
-            "ran on": where_text(j.get("ran_on")),
-            "created": j["created_at"], "finished": j["finished_at"]} for j, d in zip(rows, described)])
-        # What a person looks for first, with the detail wide enough to read; dataset, times and lane after it.
-        first_cols = ["id", "kind", "status", "ran on", "progress", "detail"]
-        order = [c for c in first_cols if c in table.columns] + [c for c in table.columns if c not in first_cols]
-        st.dataframe(table, hide_index=True, column_order=order, column_config={
-            "id": st.column_config.NumberColumn("id", width="small"),
-            "kind": st.column_config.TextColumn("kind", width="small"),
-            "lane": st.column_config.TextColumn("lane", width="small"),
-            "status": st.column_config.TextColumn("status", width="small"),
-            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, width="small"),
-            "detail": st.column_config.TextColumn("detail", width="large", help="the whole line is below, under"
+            "id": j["id"], "job": wording.job_kind(j["kind"]), "dataset": j["dataset"] or "",
+            "status": j["status"], "progress": d["fraction"], "detail": detail(j, d),
+            "ran on": where_text(j.get("ran_on")), "finished": j["finished_at"]} for j, d in zip(rows, described)])
+        # Every column fits a 1,400-px window beside the sidebar (about 940 px): what a person looks for first,
+        # the detail as wide as what is left (its whole line is under Details of job), "ran on" only when some
+        # job ran elsewhere than here; the lane and the raw kind are in the details.
+        order = ["id", "job", "status", "progress", "detail", "dataset", "finished"]
+        if set(table["ran on"]) - {"local", ""}:
+            order.insert(4, "ran on")
+        st.dataframe(table, hide_index=True, column_order=order, key="jobs_table", column_config={
+            "id": st.column_config.NumberColumn("id", width=45),
+            "job": st.column_config.TextColumn("job", width=115),
+            "status": st.column_config.TextColumn("status", width=80),
+            "ran on": st.column_config.TextColumn("ran on", width=80),
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, width=105),
+            "detail": st.column_config.TextColumn("detail", width=300, help="the whole line is below, under"
                                                   " Details of job"),
-            "created": st.column_config.DatetimeColumn("created", format="MMM D, HH:mm:ss"),
-            "finished": st.column_config.DatetimeColumn("finished", format="HH:mm:ss")})
+            "dataset": st.column_config.TextColumn("dataset", width=130),
+            "finished": st.column_config.DatetimeColumn("finished", format="MMM D, HH:mm", width=110)})
         ids = [j["id"] for j in rows]
         # Details open on the job that is running (else queued), not merely the newest one.
         active = [j["id"] for j in rows if j["status"] == "running"] or [j["id"] for j in rows
@@ -64,11 +76,23 @@ def job_table(rows: list[dict]) -> None:
         widgets.job_status(job)
         if job["error"]:
             st.error(widgets.md_text(job["error"]))  # it may name a dataset, a path or a label
-        st.caption("Parameters")
-        st.json(job["params"] or {}, expanded=False)
-        if job["result"]:
-            st.caption("Result")
-            st.json(job["result"], expanded=False)
+        lane = job.get("lane") or ""
+        st.caption(widgets.md_text(f"{wording.job_kind(job['kind'])} job (kind {job['kind']}"
+                                   + (f", {lane} lane" if lane else "") + f") of dataset {job['dataset'] or '-'};"
+                                   f" created {job['created_at']:%Y-%m-%d %H:%M:%S}"
+                                   + (f", finished {job['finished_at']:%H:%M:%S}" if job["finished_at"] else "")
+                                   + f"; ran on {where_text(job['ran_on']) if job.get('ran_on') else 'this machine'}."))
+        settings, outcome = st.columns(2)
+        with settings:
+            fields("Parameters", job["kind"], job["params"], "the defaults")
+        with outcome:
+            if job["status"] in jobs.ACTIVE:
+                st.markdown("**Result**")
+                st.caption("when the job is done")
+            else:
+                fields("Result", job["kind"], job["result"], "none recorded")
+        with st.expander("Parameters and result as raw JSON (for scripts and bug reports)"):
+            st.json({"params": job["params"] or {}, "result": job["result"] or {}})
         st.caption("Log (tail)")
         st.code(jobs.log_tail(job, 40) or "(empty)", language=None, wrap_lines=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from core import jobs
+from core import jobs, wording
 from core.data.catalog import get_dataset
 from core.embed import projection
 from core.redundancy import clusterings, export, review
@@ -34,7 +34,7 @@ st.title("Redundant groups")
 c1, c2 = st.columns(2)
 with c1:
     name, bid, _ = widgets.embedded_dataset_picker("groups_backbone")
-linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage",
+linkage = c2.selectbox("Linkage", LINKAGES, key="groups_linkage", format_func=wording.plain,
                        help="complete (default): every pair inside a group is similar. The paper's linkage is"
                             " not stated; average and single are offered too.")
 
@@ -287,7 +287,7 @@ def review_section() -> None:
 def export_section(settings: dict, rule: str) -> None:
     st.write("One image is kept per group; the rest are listed as removed.")
     how = (f"f{settings['fraction']:.2f}" if settings.get("fraction") is not None
-           else f"t{settings['threshold']:.3f}")
+           else f"t{settings['threshold']:.6g}")
     for which in ("kept", "removed", "all"):
         for col, fmt in zip(st.columns(2), ("csv", "parquet")):
             col.download_button(

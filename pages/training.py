@@ -39,14 +39,16 @@ with st.expander("New sweep", expanded=all_runs.empty):
     base = default_recipe(ds["image_size"])
     st.markdown("**Recipe** (saved with every run)")
     r1, r2, r3, r4 = st.columns(4)
-    arch = r1.selectbox("Architecture", list_archs(), index=list_archs().index(base.arch), key="sweep_arch")
+    arch = r1.selectbox("Architecture", list_archs(), index=list_archs().index(base.arch), key="sweep_arch",
+                        format_func=wording.arch_name)
     epochs = r2.number_input("Epochs", 1, 500, base.epochs, key="sweep_epochs")
     batch = r3.number_input("Batch size", 8, 4096, base.batch_size, key="sweep_batch")
     lr = r4.number_input("Peak learning rate", 1e-5, 10.0, base.lr, format="%.4f", key="sweep_lr")
     r5, r6, r7 = st.columns(3)
-    optimizer = r5.selectbox("Optimiser", OPTIMIZERS, index=OPTIMIZERS.index(base.optimizer), key="sweep_opt")
+    optimizer = r5.selectbox("Optimiser", OPTIMIZERS, index=OPTIMIZERS.index(base.optimizer), key="sweep_opt",
+                             format_func=wording.plain)
     augmentation = r6.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
-                                key="sweep_aug")
+                                key="sweep_aug", format_func=wording.plain)
     budget = r7.radio("Budget", plan.BUDGET_RULES, horizontal=True, key="sweep_budget",
                       help="epochs: every run trains the same number of epochs (smaller subsets take fewer steps);"
                            " steps: every run takes as many optimisation steps as the full run.")
@@ -59,7 +61,7 @@ with st.expander("New sweep", expanded=all_runs.empty):
             if not widgets.embeddings_in_progress(name, "sweep_embed_waiting"):
                 st.warning("The semantic subset needs embeddings: start an embedding job on the **Datasets** page.")
         else:
-            s1, s2, s3 = st.columns(3)
+            s1, s2, s3 = st.columns([3, 2, 2])
             with s1:
                 bid = widgets.backbone_picker(list(backs.backbone_id), "sweep_backbone")
             linkage = s2.selectbox("Linkage", LINKAGES, key="sweep_linkage", format_func=wording.plain,
@@ -151,19 +153,30 @@ def live_runs() -> None:
             widgets.job_status(job)  # its phase names the run; a queued one says what it waits for
         if df.empty:
             st.caption("No training runs yet.")
+            st.caption("Choose fractions and methods under *New sweep* above and launch one (a quick first try:"
+                       " fractions 1.0 and 0.5, one seed, 1 epoch).")
         else:
             done, total = (pd.to_numeric(df[c], errors="coerce").astype(float) for c in ("done", "total"))
             progress = (done / total.where(total > 0)).where(df.status != "done", 1.0)  # NaN: no job yet
-            shown = df.assign(progress=progress, test_top1=df.test_top1 * 100, error=df.error.fillna(""))
-            st.dataframe(shown[["method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "seconds",
-                                "device", "error", "sweep_id", "job_id", "run_key"]], hide_index=True,
-                         key="runs_table",
-                         column_config={"n_train": st.column_config.NumberColumn("training images", format="%d"),
-                                        "error": st.column_config.TextColumn("error"),
-                                        "progress": st.column_config.ProgressColumn("progress", min_value=0.0,
-                                                                                    max_value=1.0),
-                                        "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f"),
-                                        "seconds": st.column_config.NumberColumn(format="%.0f")})
+            shown = df.assign(progress=progress, test_top1=df.test_top1 * 100, error=df.error.fillna(""),
+                              time=[wording.duration(x) if pd.notna(x) else "" for x in df.seconds])
+            # The columns a person reads fit the page; the ids (for the CLI and the Jobs page) come last.
+            st.dataframe(shown, hide_index=True, key="runs_table", column_order=[
+                "method", "fraction", "seed", "n_train", "status", "progress", "test_top1", "time", "device", "error",
+                "sweep_id", "job_id", "run_key"], column_config={
+                    "method": st.column_config.TextColumn("subset", width=80),
+                    "fraction": st.column_config.NumberColumn("fraction", width=65),
+                    "seed": st.column_config.NumberColumn("seed", width=45),
+                    "n_train": st.column_config.NumberColumn("training images", format="localized", width=100),
+                    "status": st.column_config.TextColumn("status", width=75),
+                    "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, width=90),
+                    "test_top1": st.column_config.NumberColumn("test top-1 %", format="%.2f", width=85),
+                    "time": st.column_config.TextColumn("time", width=65),
+                    "device": st.column_config.TextColumn("device", width=55),
+                    "error": st.column_config.TextColumn("error", width=70),
+                    "sweep_id": st.column_config.NumberColumn("sweep", width=55),
+                    "job_id": st.column_config.NumberColumn("job", width=45),
+                    "run_key": st.column_config.TextColumn("run key", width=80)})
             if (df.status.isin(["failed", "cancelled"])).any() and st.button("Retry failed runs", key="retry"):
                 sweeps.retry(name)
                 st.rerun(scope="app")
@@ -189,7 +202,20 @@ described = {t: json.loads(done[done.recipe_tag == t].recipe.iloc[0]) for t in t
 def describe_recipe(tag: str) -> str:
     r = described[tag]
     budget = f"{r['steps']} steps" if r.get("budget") == "steps" else f"{r['epochs']} epochs"
-    return f"{wording.arch_name(r['arch'])}, {budget}, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']:g}, {r['augmentation']}"
+    augmentation = "no augmentation" if r["augmentation"] == "none" else wording.plain(r["augmentation"])
+    return (f"{wording.arch_name(r['arch'])}, {budget}, batch {r['batch_size']}, {wording.plain(r['optimizer'])}"
+            f" peak learning rate {r['lr']:g}, {augmentation}")
+
+
+def results_overlap(curves: dict) -> list[tuple[int, float]]:
+    """(subset size, mean top-1) where semantic and random (below the full set) have the same mean to 0.01
+    points: the points a reader would otherwise take for one."""
+    if len(curves) < 2:
+        return []
+    sem, rnd = (curves[m][curves[m].method == m] for m in ("semantic", "random"))
+    pairs = sem.merge(rnd, on="fraction", suffixes=("_s", "_r"))
+    return [(int(round(r.n_train_s)), float(r.top1_mean_s)) for r in pairs.itertuples()
+            if abs(r.top1_mean_s - r.top1_mean_r) < 5e-5]
 
 
 tag = st.selectbox("Recipe", tags, format_func=describe_recipe, key="results_recipe") if len(tags) > 1 else tags[0]
@@ -202,31 +228,51 @@ if not full.empty:
                   fillcolor="gray", opacity=0.15)
     fig.add_hline(y=100 * f.top1_mean, line_dash="dash", line_color="gray",
                   annotation_text=f"full set {results.format_pm(f.top1_mean, f.top1_std, f.seeds)}")
-for method, color in (("semantic", "#d62728"), ("random", "#1f77b4")):
+# Random is drawn first, wide and with large open diamonds, and semantic over it, narrow with small filled
+# circles: where the two are equal (at the full set, which both curves end at, or with identical means) the
+# diamond still shows round the circle and the wide line beside the narrow one, so neither hides the other.
+STYLE = {"random": {"color": "#1f77b4", "line": 5, "symbol": "diamond-open", "size": 15, "opacity": 0.55},
+         "semantic": {"color": "#d62728", "line": 2, "symbol": "circle", "size": 8, "opacity": 1.0}}
+curves = {}
+for method in ("random", "semantic"):
+    style = STYLE[method]
     rows = table[table.method == method].sort_values("n_train")
+    if rows.empty:
+        continue
     if not full.empty:
         rows = pd.concat([rows, full])  # both curves end at the full set
-    if rows.empty or (rows.method == method).sum() == 0:
-        continue
+    curves[method] = rows
     fig.add_trace(go.Scatter(
         x=rows.n_train, y=100 * rows.top1_mean, error_y={"type": "data", "array": 100 * rows.top1_std},
-        mode="lines+markers", name=method, line={"color": color},
+        mode="lines+markers", name=method, opacity=style["opacity"],
+        line={"color": style["color"], "width": style["line"]},
+        marker={"symbol": style["symbol"], "size": style["size"], "line": {"width": 2, "color": style["color"]}},
         text=[f"fraction {fr:g}, {wording.plural(int(s), 'seed')}" for fr, s in zip(rows.fraction, rows.seeds)],
         hovertemplate="%{x:,.0f} images: %{y:.2f} %<br>%{text}<extra>" + method + "</extra>"))
 sizes = sorted({int(n) for n in table.n_train.round()})
 fig.update_layout(xaxis_title="training images (subset size)", yaxis_title="test top-1 accuracy (%)",
-                  legend_title="subset", height=420, margin={"t": 30, "b": 10})
+                  legend_title="subset", legend_traceorder="reversed", height=420, margin={"t": 30, "b": 10})
 # Ticks at the subset sizes themselves, whole images in one format (no '5,999.5' between two sizes).
 fig.update_xaxes(tickvals=sizes, ticktext=[f"{n:,}" for n in sizes], tickformat=",d")
 st.plotly_chart(fig, key="accuracy_plot")
+notes = []
+if same := [f"{n:,} images ({100 * v:.2f} %)" for n, v in results_overlap(curves)]:
+    notes.append(f"Semantic and random are equal at {', '.join(same)}: the red circle sits inside the blue diamond.")
+if not full.empty and len(curves) == 2:
+    notes.append("Both curves end at the full-set run (the same runs), where the two markers always coincide.")
+if notes:
+    st.caption(" ".join(notes))
 shown_summary = results.with_top1_text(table)
 shown_summary["backbone"] = [wording.plain(b) if b else "" for b in shown_summary.backbone_id]
 st.dataframe(shown_summary[["method", "fraction", "n_train", "seeds", "top1", "backbone", "backbone_id"]],
              hide_index=True, key="summary_table", column_config={
-                 "n_train": st.column_config.NumberColumn("training images", format="%d"),
-                 "top1": st.column_config.TextColumn("test top-1 %", help="mean ± std over the seeds"),
-                 "backbone": st.column_config.TextColumn("backbone (semantic subsets)"),
-                 "backbone_id": st.column_config.TextColumn("backbone id")})
+                 "method": st.column_config.TextColumn("subset", width=80),
+                 "fraction": st.column_config.NumberColumn("fraction", width=65),
+                 "n_train": st.column_config.NumberColumn("training images", format="localized", width=110),
+                 "seeds": st.column_config.NumberColumn("seeds", width=55),
+                 "top1": st.column_config.TextColumn("test top-1 %", help="mean ± std over the seeds", width=95),
+                 "backbone": st.column_config.TextColumn("backbone (semantic subsets)", width=270),
+                 "backbone_id": st.column_config.TextColumn("backbone id (command line)", width=180)})
 
 st.subheader("Per-class accuracy against the full set")
 choices = done[(done.recipe_tag == tag) & (done.method != "full")]
@@ -242,7 +288,8 @@ else:
                 " accuracy per class. Launch a sweep with fraction 1.0 (and this recipe) to see the differences.")
     else:
         deltas = deltas.assign(label=widgets.chart_text(deltas.label))
-        fig = px.bar(deltas, x="label", y=100 * deltas.delta, labels={"y": "accuracy − full (points)"},
+        fig = px.bar(deltas, x="label", y=100 * deltas.delta,
+                     labels={"y": "accuracy − full (points)", "label": "class"},
                      color=deltas.delta > 0, color_discrete_map={True: "#2ca02c", False: "#d62728"})
         fig.update_layout(showlegend=False, height=360)
         fig.update_xaxes(categoryorder="array", categoryarray=list(deltas.label))  # classes in order, not by colour

@@ -196,7 +196,9 @@ def job_status(job: dict) -> None:
 
     A queued job's line says what it waits for (e.g. 'waiting for: job 12 (train, run 3 of sweep 2 ...)')."""
     info = jobs.describe(job)
-    label = md_text(f"#{job['id']} {job['kind']} · {info['text']}")  # may hold names and paths
+    from core import wording
+
+    label = md_text(f"#{job['id']} {wording.job_kind(job['kind'])} · {info['text']}")  # may hold names and paths
     if job["status"] in jobs.ACTIVE:
         st.progress(info["fraction"] or 0.0, text=label)
         if st.button("Cancel", key=f"cancel-{job['id']}"):

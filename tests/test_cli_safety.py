@@ -100,7 +100,7 @@ def test_datasets_add_refuses_a_folder_of_empty_class_folders_in_one_line(store,
         (folder / cls).mkdir(parents=True)
     assert main(["datasets", "add", str(folder), "--detach"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert f"{folder}: its 2 class folder(s) hold no files" in line and "nothing was registered" in line
+    assert f"{folder}: its 2 class folders hold no files" in line and "nothing was registered" in line
     assert catalog.list_datasets(store).empty and not jobs.list_jobs(store)
     assert not (config.cache_dir() / "datasets.json").exists()
 
@@ -214,7 +214,7 @@ def test_repair_links_surviving_checkpoints_and_lists_what_to_recompute(scanned,
 
     assert main(["doctor", "--repair"]) == 0
     out = capsys.readouterr().out
-    assert "linked again 1 backbone and 2 LTRP checkpoint(s)" in out and all(line in out for line in expected), out
+    assert "linked again 1 backbone checkpoint and 2 LTRP checkpoints" in out and all(line in out for line in expected), out
     fresh = db.get_store()
     assert list(models.list_rankers("demo", fresh).model_id) == [ids["ranker_id"]]  # before anything runs
     (job,) = jobs.list_jobs(fresh)

@@ -25,7 +25,7 @@ def test_one_epoch_sweep_survives_an_app_restart(embedded, page, tmp_path):
     proc, url = start_server(tmp_path / "cache")
     try:
         page.goto(url + "/training")
-        page.get_by_text("No training runs yet.").wait_for(timeout=60_000)
+        page.get_by_text("No training runs yet").wait_for(timeout=60_000)
         # Fractions: only 0.5 (clear the defaults, pick one); one seed; one epoch.
         fractions = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Fractions")
         fractions.get_by_role("button", name="Clear all").click()

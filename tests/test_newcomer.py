@@ -59,6 +59,34 @@ def test_words_plurals_units_and_plain_names():
     assert len(set(labels.values())) == 3 and labels["trained:resnet20@fm#00000000"] == "ResNet-20, trained on fm"
 
 
+def test_job_parameters_and_results_read_as_plain_key_values():
+    fields = dict(wording.job_fields("embed", {"backbone_id": "trained:resnet8s2@fm#1a2b3c4d", "embedded": 70000,
+                                               "reused": 0, "epochs": None, "retrain": True}))
+    assert fields == {"backbone": "ResNet-8 (stride-2 stem), trained on fm", "images embedded": "70,000",
+                      "images already embedded": "0", "training epochs": "default", "train again": "yes"}
+    fields = dict(wording.job_fields("train", {"run_key": "d500", "test_top1": 0.912, "seconds": 190.2}))
+    assert fields == {"run key": "d500", "test top-1 accuracy": "91.20 %", "time": "3 min 10 s"}
+    assert dict(wording.job_fields("sweep", {"runs": 3, "reused": 1}))["identical finished runs reused"] == "1"
+    assert dict(wording.job_fields("cluster", {"linkage": "complete"}))["linkage"] == \
+        "complete linkage (every pair close)"
+    assert wording.job_kind("cluster") == "merge trees" and wording.job_kind("ltrp_score") == "patch scoring"
+
+
+def test_cli_says_things_in_plain_words(store, scanned, capsys):
+    """`redex info` and `redex jobs`: the format in words, plurals without '(s)', job kinds in plain words."""
+    from core.cli import main as cli
+
+    assert cli(["info", scanned]) == 0
+    out = capsys.readouterr().out
+    assert "working size 28 × 28 px, grayscale" in out and "px x" not in out and "(s)" not in out
+    job = jobs.launch("scan", scanned, store=store)  # a rescan: nothing changed
+    assert jobs.wait(job, store, timeout=120)["status"] == "done"
+    assert cli(["jobs"]) == 0
+    head, line = capsys.readouterr().out.splitlines()
+    assert head.split() == ["id", "job", "dataset", "status", "detail"]
+    assert line.split()[:3] == [str(job), "scan", "files"] and "(s)" not in line
+
+
 def test_job_rates_have_units_and_the_time_left_reads_plainly():
     job = {"status": "running", "kind": "embed", "phase": "train backbone", "done": 2560, "total": 25600,
            "rate": 102.0}
@@ -134,6 +162,13 @@ def test_running_embedding_is_shown_where_it_matters(store, scanned):
     at = run_page("pages/jobs.py")
     assert not at.exception
     assert at.selectbox(key="job_detail").value == running  # not the newest (failed) one
+    # The table: plain job names, no internal lane column; the details: parameters as readable lines,
+    # the raw JSON only inside an expander.
+    table = next(d.value for d in at.dataframe if "job" in d.value.columns)
+    assert set(table.job) == {"embeddings", "scan files"} and "lane" not in table.columns
+    said = "\n".join(m.value for m in at.markdown)
+    assert "training epochs: **5,000**" in said and '"epochs"' not in said
+    assert any("raw JSON" in e.label for e in at.expander)
     jobs.cancel(running, store)
 
 
@@ -160,8 +195,13 @@ def test_training_page_reuse_axis_and_per_class_without_full_run(store, embedded
     at.run()
     assert not at.exception
     assert any("was reused; nothing was trained" in i.value for i in at.info)
-    # The accuracy chart ticks whole images at the subset sizes, in one format.
+    # The accuracy chart ticks whole images at the subset sizes, in one format; random's markers are large open
+    # diamonds drawn under semantic's small circles, so equal points never hide one another.
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    (trace,) = fig["data"]
+    assert trace["name"] == "random" and trace["marker"]["symbol"] == "diamond-open" and trace["marker"]["size"] > 8
+    assert "ResNet-8 (stride-2 stem)" in at.selectbox(key="sweep_arch").options  # not 'resnet8s2'
+    assert "SGD with momentum" in at.selectbox(key="sweep_opt").options
     xaxis = fig["layout"]["xaxis"]
     n = 3 * groups_for_fraction(15, 0.5)
     assert xaxis["tickvals"] == [n] and xaxis["ticktext"] == [f"{n:,}"]

@@ -130,7 +130,7 @@ def test_4a_duplicate_manifest_rows_are_dropped_and_counted(store, tmp_path):
     table = catalog.images_table(name, store).set_index("path")
     assert table.loc[files[0], "label"] == "a"  # the first row wins
     reason = problems(name, store)[f"{files[0]} (duplicate rows)"]
-    assert reason.startswith("2 duplicate row(s) dropped (rows 3, 4)") and "'b'" in reason
+    assert reason.startswith("2 duplicate rows dropped (rows 3, 4)") and "'b'" in reason
 
 
 def test_4b_an_empty_label_is_a_problem_row(store, tmp_path):
@@ -274,10 +274,10 @@ def test_10b_a_source_whose_class_folders_hold_no_files_is_refused_at_register(s
     for source, said, fix in [
             (empty, "the folder is empty", "one folder per class"),
             (hidden, "it has no class folder; 2 hidden entries", "one folder per class"),
-            (classes, "its 30 class folder(s) hold no files; 1 file(s) lie directly in it", "one folder per class"),
-            (splits, "its 2 class folder(s) hold no files", "one folder per class"),
+            (classes, "its 30 class folders hold no files; 1 file lies directly in it", "one folder per class"),
+            (splits, "its 2 class folders hold no files", "one folder per class"),
             (gone, "no image among 5 sampled rows of the manifest (5 file not found)", "check its path column"),
-            (unusable, "none of its 2 row(s) names a usable file (1 empty path, 1 empty label)", "one row per image"),
+            (unusable, "none of its 2 rows names a usable file (1 empty path, 1 empty label)", "one row per image"),
             (header, "the manifest has a header but no rows", "one row per image")]:
         with pytest.raises(catalog.DatasetError) as err:
             sources.register(str(source), "x")

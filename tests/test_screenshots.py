@@ -1,7 +1,8 @@
 """One screenshot per page under docs/screenshots/, taken in the real app on a small real dataset (Fashion-MNIST,
 100 images per split, every step done), so the README's pictures stay current; and what a newcomer stumbled on in
 the browser: the embedding map's selection says how many of how many it shows, a click after a box selection
-selects the clicked point, and the Training chart's axis reads in whole images."""
+selects the clicked point, the Training chart's axis reads in whole images and its semantic and random points
+never hide one another, and the Jobs table fits the window."""
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,37 @@ def test_every_page_as_a_newcomer_sees_it(app, page):
             ticks = page.evaluate("() => [...document.querySelector('.js-plotly-plot').querySelectorAll('.xtick text')]"
                                   ".map(t => t.textContent)")  # the accuracy chart's x axis
             assert ticks and all(t.replace(",", "").isdigit() for t in ticks), ticks  # whole images, one format
+            semantic_and_random_both_show(page)
+        if shot == "jobs":
+            every_column_fits(page)
         whole_page(page, SHOTS / f"{shot}.png")
+
+
+def semantic_and_random_both_show(page) -> None:
+    """The accuracy chart: random's markers are larger and of another shape than semantic's, so where the two
+    are equal (always at the full set, which both curves end at) one does not hide the other, and the page
+    says where they are equal."""
+    traces = page.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.map(t => ({name: t.name,"
+                           " symbol: t.marker.symbol, size: t.marker.size, x: t.x, y: t.y}))")
+    by = {t["name"]: t for t in traces}
+    sem, rnd = by["semantic"], by["random"]
+    assert sem["symbol"] != rnd["symbol"] and rnd["size"] > sem["size"], traces
+    assert set(sem["x"]) & set(rnd["x"])  # they share the full-set point at least
+    page.get_by_text("Both curves end at the full-set run").wait_for(timeout=10_000)
+    equal = [x for x, y in zip(sem["x"], sem["y"]) if x != max(sem["x"])
+             and any(x2 == x and abs(y2 - y) < 5e-3 for x2, y2 in zip(rnd["x"], rnd["y"]))]
+    if equal:
+        page.get_by_text("Semantic and random are equal at").wait_for(timeout=10_000)
+
+
+def every_column_fits(page) -> None:
+    """At 1,400 px the jobs table shows every column: nothing is cut off on the right (no horizontal scroll)."""
+    grid = page.locator("[data-testid=stDataFrame]").first
+    grid.wait_for()
+    widths = grid.evaluate("g => { const s = g.querySelector('.dvn-scroller');"
+                           " return [s.scrollWidth, s.clientWidth]; }")
+    assert widths[0] <= widths[1] + 1, widths
+    page.get_by_text("Parameters and result as raw JSON").wait_for()  # the raw JSON, for experts, folded
 
 
 def whole_page(page, path: Path) -> None:
@@ -96,8 +127,9 @@ def point_on_screen(page, i: int = 0) -> tuple[float, float]:
 
 def select_everything_then_click_one(page) -> None:
     """A click on a point selects it; the lasso round the whole map selects all 200 points and the page says it
-    shows 96 of them; "Clear the selection" puts the map back where a click selects one point again (with the
-    lasso as the tool, a click used to leave the lasso's selection as it was)."""
+    shows 96 of them; a click on a point then selects that point alone (it used to leave the lasso's selection
+    as it was: the lasso stayed the tool); the hover label goes when the mouse leaves the map; "Clear the
+    selection" deselects everything, and a click selects one point again."""
     page.wait_for_selector(".js-plotly-plot .nsewdrag")
     page.mouse.click(*point_on_screen(page))
     page.get_by_text("1 image selected").wait_for(timeout=60_000)
@@ -112,6 +144,13 @@ def select_everything_then_click_one(page) -> None:
     page.get_by_text("Showing the first 96 of 200").wait_for(timeout=60_000)
     page.get_by_text("200 images selected").wait_for()
     drawn(page, "200 images selected")
+    page.wait_for_selector(".js-plotly-plot .nsewdrag")
+    page.mouse.click(*point_on_screen(page, 5))  # straight after the lasso, no clearing
+    page.get_by_text("1 image selected").wait_for(timeout=60_000)
+    drawn(page, "Nearest neighbours of")
+    page.mouse.move(0, 0)
+    page.wait_for_function("() => !document.querySelector('.js-plotly-plot .hoverlayer .hovertext')",
+                           timeout=10_000)  # no hover label left behind
     page.get_by_role("button", name="Clear the selection").click()
     page.get_by_text("Select points").wait_for(timeout=60_000)
     page.wait_for_selector(".js-plotly-plot .nsewdrag")

@@ -307,9 +307,9 @@ def test_datasets_page_offers_what_can_run_and_says_why_not(store, photos, cache
     at = run_page("pages/datasets.py", dataset=name)
     assert not at.exception
     picker = next(s for s in at.selectbox if s.label == "Backbone")
-    assert picker.options[0].startswith("trained:resnet8s2")
-    assert any(o.startswith(f"timm:{NAME} (weights in the HF cache") for o in picker.options)
-    assert not any(o.startswith("timm:resnet18") for o in picker.options)
+    assert picker.options[0].endswith("(trained:resnet8s2)")  # plain words first, the spec in brackets
+    assert any("weights in the HF cache" in o and o.endswith(f"(timm:{NAME})") for o in picker.options)
+    assert not any(o.endswith("(timm:resnet18)") for o in picker.options)
     said = " ".join(c.value for c in at.caption)
     assert "timm:resnet18" in said.replace("\\", "") and "HF_HUB_OFFLINE=1" in said.replace("\\", "")
     assert "create_model('resnet18', pretrained=True)" in said.replace("\\", "")

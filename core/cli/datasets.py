@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from core import wording
 from core.cli.common import CliError, add_command, add_detach_flag, start_job
 from core.cli.doctor import save_record
 from core.data import catalog, sources
@@ -27,6 +28,10 @@ def add_parsers(sub) -> None:
 
 
 def cmd_datasets_add(args) -> int:
+    if args.image_size is not None and not 0 < args.image_size <= sources.MAX_WORKING_SIZE:
+        raise CliError(f"--image-size must be 1 to {sources.MAX_WORKING_SIZE:,} pixels, got {args.image_size}")
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be at least 1, got {args.limit}")
     name = sources.register(args.source, args.name, image_size=args.image_size, limit=args.limit)
     save_record()
     return start_job(args, "scan", name, None, f"dataset {name!r}: scanning", after=lambda: print_summary(name))
@@ -81,8 +86,10 @@ def cmd_info(args) -> int:
 def print_summary(name: str) -> None:
     ds = catalog.get_dataset(name)
     counts = catalog.class_counts(name)
-    print(f"dataset {name} ({ds['kind']}: {ds['source']}), working size {ds['image_size']}px x {ds['channels']}ch")
+    origin = str(ds["source"]) if ds["kind"] == str(ds["source"]) else f"{ds['kind']}: {ds['source']}"
+    print(f"dataset {name} ({origin}), working size"
+          f" {wording.image_format(ds['image_size'], ds['channels'])}")
     print(counts.to_string(index=False) if len(counts) else "no images")
     skipped = (catalog.problems_table(name).severity == "skipped").sum()
     if skipped:
-        print(f"{skipped} file(s) skipped: `redex info {name}` lists them with their reasons")
+        print(f"{wording.plural(int(skipped), 'file')} skipped: `redex info {name}` lists them with their reasons")

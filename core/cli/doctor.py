@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core import config
+from core import config, wording
 from core.cli.common import add_command
 from core.store import db
 
@@ -115,7 +115,7 @@ def cmd_doctor(args) -> int:
     problems = _check_datasets(store) + _check_checkpoints(store)
     for what, fix in problems:
         print(f"  {what}\n    fix: {fix}")
-    print(f"{len(problems)} problem(s) found" if problems else "everything redex points to is there")
+    print(f"{wording.plural(len(problems), 'problem')} found" if problems else "everything redex points to is there")
     return 1 if problems else 0
 
 
@@ -295,7 +295,8 @@ class Survivors:
                 con.execute("INSERT INTO ltrp_models (model_id, dataset, kind, parent, checkpoint, config, metrics)"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)", r)
         if self.backbones or self.models:
-            print(f"linked again {len(self.backbones)} backbone and {len(self.models)} LTRP checkpoint(s) that"
+            print(f"linked again {wording.plural(len(self.backbones), 'backbone checkpoint')} and"
+                  f" {wording.plural(len(self.models), 'LTRP checkpoint')} that"
                   f" survive under {config.artifacts_dir()}: they are loaded, not trained again")
 
 

@@ -1,6 +1,7 @@
 """`redex embed`, `redex project`: embeddings of every image, and their UMAP map."""
 from __future__ import annotations
 
+from core import wording
 from core.cli.common import NEWEST_BACKBONE, CliError, add_command, add_detach_flag, add_ray_flag, start_job
 
 
@@ -42,4 +43,5 @@ def cmd_project(args) -> int:
         if backs.empty:
             raise CliError(f"no embeddings for {args.name!r} yet: run `redex embed {args.name}` first")
         bid = backs.backbone_id.iloc[0]
-    return start_job(args, "project", args.name, {"backbone_id": bid}, f"UMAP of {args.name!r} with {bid}")
+    return start_job(args, "project", args.name, {"backbone_id": bid},
+                     f"UMAP map of {args.name!r}, embeddings of {wording.plain(bid)}")

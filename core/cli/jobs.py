@@ -1,7 +1,7 @@
 """`redex jobs|cancel|follow`: the background jobs that the CLI and the app start."""
 from __future__ import annotations
 
-from core import jobs
+from core import jobs, wording
 from core.cli.common import CliError, add_command, follow
 
 
@@ -16,10 +16,12 @@ def cmd_jobs(args) -> int:
     rows = jobs.list_jobs(limit=10_000 if args.all else 20)
     if not rows:
         print("no jobs yet")
+        return 0
+    print(f"{'id':>5}  {'job':<15} {'dataset':<20} {'status':<10} detail")
     for j in rows:
-        prog = f"{j['done']}/{j['total']}" if j["total"] else ""
-        extra = j["error"] if j["status"] == "failed" else (j["message"] or "")
-        print(f"{j['id']:>5}  {j['kind']:<8} {j['dataset'] or '':<20} {j['status']:<10} {prog:>13}  {extra}")
+        text = jobs.describe(j)["text"]  # progress, rate with its unit, time left, message or error
+        text = text[len(j["status"]) + 3:] if text.startswith(j["status"] + " · ") else text
+        print(f"{j['id']:>5}  {wording.job_kind(j['kind']):<15} {j['dataset'] or '':<20} {j['status']:<10} {text}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`redex ltrp train|score|show`: LTRP patch ranking."""
 from __future__ import annotations
 
+from core import wording
 from core.cli.common import add_command, add_detach_flag, add_ray_flag, check_out_file, start_job
 from core.data import catalog
 
@@ -65,12 +66,13 @@ def _print_ranker(name: str) -> None:
     from core.ltrp import models
 
     r = models.list_rankers(name).iloc[0]
-    print(f"ranker {r.model_id}: {r.scored:,} images scored")
+    print(f"{wording.plain(r.model_id)}: {wording.plural(int(r.scored), 'image')} scored (--ranker-id {r.model_id})")
 
 
 def cmd_ltrp_score(args) -> int:
     rid = _ranker_id(args)
-    return start_job(args, "ltrp_score", args.name, {"ranker_id": rid}, f"scoring {args.name!r} with {rid}")
+    return start_job(args, "ltrp_score", args.name, {"ranker_id": rid},
+                     f"scoring the patches of {args.name!r} with the {wording.plain(rid)}")
 
 
 def cmd_ltrp_show(args) -> int:
@@ -84,5 +86,5 @@ def cmd_ltrp_show(args) -> int:
     view = ltrp_view.image_view(models.load_mae_model(rid), image, scores, args.keep)  # model size; source shown
     out = ltrp_view.panels_png(view, args.out)
     print(f"{image.path} ({image.label or 'not in the dataset'}, score map {'stored' if stored else 'computed now'}):"
-          f" kept {len(view.keep)} of {view.scores.size} patches; wrote {out}")
+          f" kept {len(view.keep)} of {wording.plural(int(view.scores.size), 'patch')}; wrote {out}")
     return 0

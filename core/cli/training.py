@@ -98,6 +98,8 @@ def _print_results(name: str, csv: bool = False, every_run: bool = False) -> Non
         table = results.summary(df)
         if not csv:
             table = results.with_top1_text(table)[["method", "fraction", "n_train", "seeds", "top1", "recipe_tag"]]
+            table = table.rename(columns={"method": "subset", "n_train": "training images", "top1": "test top-1 %",
+                                          "recipe_tag": "recipe"})
     if csv:
         sys.stdout.write(table.to_csv(index=False))
     elif table.empty:

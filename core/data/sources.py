@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from core import config, jobs, paths
+from core.wording import plural
 from core.data.catalog import DatasetError, get_dataset
 from core.data.decode import BadImage, check_file
 from core.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -47,6 +48,9 @@ class Entry:
 
 
 # -- registration ------------------------------------------------------------------------------
+MAX_WORKING_SIZE = 1024  # px: the pixel cache holds N x S x S x C bytes; larger sizes serve no consumer
+
+
 def register(source: str, name: str | None = None, *, image_size: int | None = None,
              limit: int | None = None, store: Store | None = None) -> str:
     """Record a dataset (no scanning yet; `scan` does that). Returns its name.
@@ -57,6 +61,8 @@ def register(source: str, name: str | None = None, *, image_size: int | None = N
     split, for quick looks.
     """
     store = store or get_store()
+    if image_size is not None and not 0 < image_size <= MAX_WORKING_SIZE:
+        raise DatasetError(f"the working size must be 1 to {MAX_WORKING_SIZE:,} pixels, got {image_size}")
     if source == FASHION_MNIST:
         name = paths.check_dataset_name(name or (FASHION_MNIST if not limit else f"{FASHION_MNIST}-{limit}"))
         fashion_mnist_folder()  # fail now, with the reason, if the data can't be had
@@ -167,14 +173,14 @@ def _no_files_in_folder(root: Path, class_dirs: int, unusable: dict[str, int]) -
         entries = []
     hidden = sum(e.name.startswith(".") for e in entries)
     loose = sum(not e.name.startswith(".") and not e.is_dir() for e in entries)
-    extra = ([f"{loose} file(s) lie directly in it, outside any class folder"] if loose else []) + (
+    extra = ([f"{plural(loose, 'file')} {'lies' if loose == 1 else 'lie'} directly in it, outside any class folder"] if loose else []) + (
         [f"{hidden} hidden entr{'y' if hidden == 1 else 'ies'} (names starting with '.') are left out"]
         if hidden else [])
     if not class_dirs:
         found = "the folder is empty" if not entries else "it has no class folder"
     else:
-        found = (f"its {class_dirs} class folder(s) hold no usable file ({_counted(unusable)})" if unusable
-                 else f"its {class_dirs} class folder(s) hold no files")
+        held = f"its {plural(class_dirs, 'class folder')} {'holds' if class_dirs == 1 else 'hold'}"
+        found = f"{held} no usable file ({_counted(unusable)})" if unusable else f"{held} no files"
     return "; ".join([found] + extra)
 
 
@@ -184,7 +190,7 @@ def _no_usable_rows(rows: list[Entry]) -> str:
     reasons: dict[str, int] = {}
     for e in rows:
         reasons[e.problem] = reasons.get(e.problem, 0) + 1
-    return f"none of its {len(rows)} row(s) names a usable file ({_counted(reasons)})"
+    return f"none of its {plural(len(rows), 'row')} names a usable file ({_counted(reasons)})"
 
 
 def _counted(reasons: dict[str, int]) -> str:
@@ -321,7 +327,7 @@ def _manifest_entries(path: Path) -> list[Entry]:
     for p, rows in repeats.items():
         first, label = first_row[p]
         others = sorted({lab for _, lab in rows if lab != label})
-        reason = (f"{len(rows)} duplicate row(s) dropped (rows {', '.join(str(r) for r, _ in rows[:10])}"
+        reason = (f"{plural(len(rows), 'duplicate row')} dropped (rows {', '.join(str(r) for r, _ in rows[:10])}"
                   f"{', ...' if len(rows) > 10 else ''}); the first, row {first}, is kept with label {label!r}")
         if others:
             reason += f"; dropped rows gave other labels: {', '.join(map(repr, others[:5]))}"
@@ -399,7 +405,7 @@ def remove_dataset(name: str, store: Store | None = None) -> dict:
     active = [j for j in jobs.list_jobs(store, dataset=name, limit=1_000_000) if j["status"] in jobs.ACTIVE]
     if active:
         ids = ", ".join(str(j["id"]) for j in active)
-        raise DatasetError(f"dataset {name!r} has {len(active)} job(s) queued or running ({ids}); "
+        raise DatasetError(f"dataset {name!r} has {plural(len(active), 'job')} queued or running ({ids}); "
                            "cancel them first (`redex cancel ID`)")
     removed: dict = {"tables": {}, "files": []}
     with store.write() as con:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import config, estimates, paths
+from core import config, estimates, paths, wording
 from core.data.catalog import get_dataset, images_table, load_pixels
 from core.jobs import JobContext, task
 from core.store.db import Store, get_store, to_json
@@ -210,7 +210,7 @@ def embed_dataset(name: str, model, bid: str, *, store: Store | None = None, ctx
 
     started = time.perf_counter()
     filled = EMBEDDINGS.compute_and_store(name, bid, embed, store, chunk=EMBED_CHUNK, ctx=ctx,
-                                          phase=f"embed with {bid}", verb="embedded")
+                                          phase=f"embed with {wording.plain(bid)}", verb="embedded")
     ds = get_dataset(name, store)
     estimates.record("embed", estimates.embedding_key(bid, ds["image_size"], ds["channels"]), filled.computed,
                      time.perf_counter() - started)
@@ -289,7 +289,7 @@ def _embed_pretrained(name: str, model, bid: str, store: Store, ctx: JobContext 
     estimates.record("embed", estimates.embedding_key(bid, ds["image_size"], ds["channels"]), embedded,
                      time.perf_counter() - started)
     if ctx and failed:
-        ctx.log(f"{len(failed):,} image(s) could not be read and have no embedding (Datasets page: problem files)")
+        ctx.log(f"{wording.plural(len(failed), 'image')} could not be read and have no embedding (Datasets page: problem files)")
     return {"backbone_id": bid, "embedded": embedded, "reused": filled.reused, "total": filled.total,
             "unreadable": len(failed)}
 
