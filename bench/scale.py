@@ -73,21 +73,47 @@ def _worker_peaks() -> list[float]:
     return sorted(peaks, reverse=True)
 
 
+def _peak(phases: dict) -> float:
+    """This process's peak RSS so far (MB), also across a reset by `_watch_ray_trees`."""
+    return max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *phases.values()])
+
+
+def _watch_ray_trees() -> dict:
+    """Split the trees stage's driver peak in two (this process only): up to the Ray part (reading the
+    embeddings, the classes) and the Ray part (`core.scale.trees.build_trees`), by resetting the peak
+    (VmHWM; /proc/self/clear_refs) when the Ray part starts. Filled in as the stage runs."""
+    from core.scale import trees as ray_trees
+
+    found: dict = {}
+    build = ray_trees.build_trees
+
+    def watched(*args, **kwargs):
+        found["driver_peak_before_ray_mb"] = _vm(os.getpid(), "VmHWM")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return (yield from build(*args, **kwargs))
+        yield from build(*args, **kwargs)
+        found["driver_peak_ray_mb"] = _vm(os.getpid(), "VmHWM")
+
+    ray_trees.build_trees = watched
+    return found
+
+
 # -- one configuration, in its own process ----------------------------------------------------------
 def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: bool) -> dict:
-    import torch
-
-    from core.data.catalog import get_dataset
-    from core.embed import embeddings
-    from core.embed.backbones import DEFAULT_BACKBONE, build_model
     from core.redundancy import clusterings
     from core.redundancy.index import CutIndex
     from core.store.db import get_store
 
     store = get_store()
-    if not workers and os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    out = {"config": config_name, "workers": workers, "threads": torch.get_num_threads(), "load_before": _load()}
+    out = {"config": config_name, "workers": workers, "threads": None, "load_before": _load()}
+    if not skip_embed:  # trees only: no torch in this process, as in the cluster job (its peak is the job's)
+        import torch
+
+        if not workers and os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        out["threads"] = torch.get_num_threads()
     if workers:
         import ray
 
@@ -98,6 +124,10 @@ def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: boo
         out["cluster_start_s"] = time.perf_counter() - t
     key = f"bench-{config_name}"
     if not skip_embed:
+        from core.data.catalog import get_dataset
+        from core.embed import embeddings
+        from core.embed.backbones import DEFAULT_BACKBONE, build_model
+
         ds = get_dataset(name, store)
         torch.manual_seed(0)
         model = build_model(DEFAULT_BACKBONE, len(ds["classes"]), ds["channels"], ds["image_size"])
@@ -122,9 +152,11 @@ def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: boo
                         "first_chunk_s": first["t"] - t}
     store.execute("DELETE FROM trees WHERE dataset = ? AND backbone_id = ?", [name, bid])
     clusterings.review.find_label_conflicts = lambda *a, **k: None  # trees only (this process)
+    phases = _watch_ray_trees() if workers else {}
     t = time.perf_counter()
     res = clusterings.cluster(name, bid, store=store)
-    out["trees"] = {"seconds": time.perf_counter() - t, "built": res["built"], "images": res["images"]}
+    out["trees"] = {"seconds": time.perf_counter() - t, "built": res["built"], "images": res["images"],
+                    "driver_peak_mb": _peak(phases), **phases}  # before the cut
     trees = store.query("SELECT label, merges FROM trees WHERE dataset = ? AND backbone_id = ? AND linkage ="
                         " 'complete' ORDER BY label", [name, bid])
     out["trees_digest"] = hashlib.blake2b(b"".join(bytes(m) for _, m in trees)).hexdigest()[:16]
@@ -135,7 +167,7 @@ def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: boo
     kept = int(index.cut(fraction=0.9).n_groups)
     out["cut"] = {"load_s": loaded, "cut_s": time.perf_counter() - t - loaded, "kept": kept,
                   "rss_mb": _vm(os.getpid(), "VmRSS")}
-    out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["driver_peak_mb"] = _peak(phases)
     if workers:
         out["worker_peaks_mb"] = _worker_peaks()
         import ray
@@ -232,7 +264,7 @@ def main() -> int:
 
 def report(r: dict, base: dict) -> None:
     parts = [f"{r['config']:>8}:"]
-    if not r["workers"]:
+    if not r["workers"] and r["threads"]:
         parts.append(f"{r['threads']} torch/BLAS thread(s);")
     if r.get("cluster_start_s") is not None:
         parts.append(f"cluster start {r['cluster_start_s']:.1f} s;")
@@ -249,7 +281,11 @@ def report(r: dict, base: dict) -> None:
     if r.get("cut"):
         parts.append(f"load_clustering {r['cut']['load_s']:.1f} s + cut at 0.9 {r['cut']['cut_s']:.1f} s"
                      f" (kept {r['cut']['kept']:,});")
-    parts.append(f"driver peak {r['driver_peak_mb']:,.0f} MB;")
+    if t.get("driver_peak_ray_mb"):
+        parts.append(f"driver peak while reading the embeddings {t['driver_peak_before_ray_mb']:,.0f} MB, while the"
+                     f" trees ran on Ray {t['driver_peak_ray_mb']:,.0f} MB;")
+    parts.append(f"driver peak {t.get('driver_peak_mb', 0):,.0f} MB after the trees, {r['driver_peak_mb']:,.0f} MB"
+                 " after the cut;")
     if r.get("worker_peaks_mb"):
         parts.append(f"worker peaks {', '.join(f'{m:,.0f}' for m in r['worker_peaks_mb'])} MB;")
     parts.append(f"load {r['load_before']} -> {r['load_after']}")

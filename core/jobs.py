@@ -121,7 +121,12 @@ def slot_names(lane: str) -> list[str]:
 # -- launching and looking ---------------------------------------------------------------------
 def launch(kind: str, dataset: str | None = None, params: dict | None = None,
            store: Store | None = None) -> int:
-    """Insert a job row and start its process. Returns the job id."""
+    """Insert a job row and start its process. Returns the job id.
+
+    A kind that can run on Ray gets the app's Ray setting as its `ray` parameter when neither `params`
+    nor REDEX_RAY_ADDRESS name a place (`core.scale.setting.for_launch`: flag > environment > setting)."""
+    from core.scale import setting  # reads the store only; imports no ray
+
     _load_tasks()
     if kind not in TASKS:
         raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(sorted(TASKS))}")
@@ -129,6 +134,7 @@ def launch(kind: str, dataset: str | None = None, params: dict | None = None,
     log_dir = config.cache_dir() / "jobs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with store.write() as con:
+        params = setting.for_launch(kind, params, store)  # in the insert's transaction: read with it
         job_id = con.execute(
             "INSERT INTO jobs (kind, dataset, params, status, message, lane) VALUES (?, ?, ?, 'queued', ?, ?)"
             " RETURNING id", [kind, dataset, to_json(params or {}), "starting",
@@ -231,7 +237,7 @@ def describe(job: dict) -> dict:
         parts.append(job["phase"])
     if total:
         parts.append(f"{done:,}/{total:,}")
-    if rate:
+    if rate and (total or 0) > 1:  # a one-step phase (a UMAP fit, a merge) has no meaningful rate
         parts.append(wording.rate(rate, wording.job_unit(job)))  # '102 images/s', '3.4 files/s'
     if eta is not None:
         parts.append(f"about {wording.duration(eta)} left")

@@ -1,5 +1,6 @@
 """The heavy stages on a Ray cluster (core.scale): a local cluster started here (2 CPUs, stopped at the end of
-the module), real images, a real DuckDB file, real jobs and the real Jobs page."""
+the module), real images, a real DuckDB file, real jobs and the real Jobs page; the app's Ray setting checked
+against it and used by a launched job (the setting without a cluster: tests/test_ray_setting.py)."""
 import dataclasses
 import os
 import signal
@@ -18,6 +19,7 @@ from core.embed.backbones import DEFAULT_BACKBONE, build_model
 from core.redundancy import clusterings, trees
 from core.scale import cluster as ray_cluster
 from core.scale import data as ray_data
+from core.scale import setting, where_text
 from core.store.vectors import ModelCompute
 from core.subsets import plan, results, sweeps
 from tests.conftest import run_page, wait_until
@@ -115,6 +117,22 @@ def test_merge_trees_on_ray_are_the_local_ones(ray_address, folder, store, monke
     fanned = trees.build_class_tree(emb, "complete", map_parts=ray_cluster.map_ordered, **small)
     assert fanned.meta["n_parts"] >= 3
     np.testing.assert_array_equal(fanned.linkage, trees.build_class_tree(emb, "complete", **small).linkage)
+
+
+def test_the_apps_setting_is_checked_saved_and_a_launched_job_goes_there(ray_address, folder, store, monkeypatch):
+    """The sidebar's "Check and save" (`setting.start_check(save=True)`: a probe process joins the cluster) against
+    this module's cluster, then a cluster job launched as the pages launch one: it runs there and says so."""
+    name, model = folder
+    embeddings.embed_dataset(name, model, "local", store=store)
+    monkeypatch.delenv("REDEX_RAY_ADDRESS", raising=False)
+    check = setting.start_check(ray_address, store, save=True)
+    wait_until(lambda: check.finished, timeout=120, what="the check of the cluster")
+    assert check.saved and check.result["ok"] and check.result["cpus"] == 2, check.result
+    assert setting.saved(store) == ray_address and setting.effective(store).source == "setting"
+    job = jobs.wait(jobs.launch("cluster", name, {"backbone_id": "local"}, store=store), store, timeout=300)
+    assert job["status"] == "done", jobs.log_tail(job)
+    assert job["params"]["ray"] == ray_address and job["result"]["built"] == 3
+    assert where_text(job["ran_on"]).startswith(f"ray {ray_address} · ")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from core import jobs
+from core import jobs, wording
 from core.store.db import get_store
 
 NEWEST_BACKBONE = "default: the newest backbone with embeddings"
@@ -37,7 +37,8 @@ def add_detach_flag(p: argparse.ArgumentParser) -> None:
 
 def add_ray_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", metavar="ADDRESS", help="run the heavy stage on the Ray cluster at ADDRESS (auto,"
-                   " HOST:PORT; `local`: here); default: REDEX_RAY_ADDRESS, else here (docs/scale-out.md)")
+                   " HOST:PORT; `local`: here); default: REDEX_RAY_ADDRESS, else the app's Ray setting (its"
+                   " sidebar), else here (docs/scale-out.md)")
 
 
 def add_linkage_flag(p) -> None:
@@ -119,7 +120,7 @@ def follow(job_id: int, poll: float = 0.5) -> int:
                 if bar is not None:
                     bar.close()
                 phase = job["phase"]
-                bar = tqdm(total=job["total"] or None, desc=phase or job["status"], unit="it",
+                bar = tqdm(total=job["total"] or None, desc=phase or job["status"], unit=wording.job_unit(job),
                            dynamic_ncols=True, file=sys.stderr)
             if job["total"] and bar.total != job["total"]:
                 bar.total = job["total"]

@@ -1,7 +1,7 @@
 """Scale-out: the heavy stages on a Ray cluster instead of this machine (docs/scale-out.md).
 
-`REDEX_RAY_ADDRESS=auto|HOST:PORT` (or a job's `ray` parameter: `--ray ADDRESS` on the heavy commands,
-the app's setting) sends to the cluster:
+A job's `ray` parameter (`--ray ADDRESS` on the heavy commands, else the app's setting, written there when
+the job is launched: `core.scale.setting`) or `REDEX_RAY_ADDRESS=auto|HOST:PORT` sends to the cluster:
 
 - embedding and LTRP scoring: Ray Data over the image list, CPU tasks that load the pixels (the pixel
   cache where the node sees it, else decode and resize the source file), an actor per GPU (CPU actors
@@ -12,7 +12,8 @@ the app's setting) sends to the cluster:
 The job process stays the driver and the only writer of the store: results come back to it and it
 commits them chunk by chunk, keyed by content id as on the local path, so a retried task or a
 resumed job never stores anything twice. Without an address nothing changes and nothing here imports
-ray (`ray_address` reads only the environment and the job's parameters).
+ray (`ray_address` reads only the environment and the job's parameters; `core.scale.setting` reads the
+store and checks an address in a process of its own).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ LOCAL = ("", "local", "off", "none")  # values that mean "run here"
 def ray_address(params: dict | None = None) -> str | None:
     """The Ray cluster a job's heavy stages go to, or None to run them here.
 
-    The job's `ray` parameter wins (so `--ray local` overrides the environment); else `REDEX_RAY_ADDRESS`."""
+    The job's `ray` parameter wins (so `--ray local` overrides the environment); else `REDEX_RAY_ADDRESS`.
+    The app's setting reaches a job as its `ray` parameter (`core.scale.setting.for_launch`)."""
     value = (params or {}).get("ray")
     if value is None:
         value = os.environ.get(ENV, "")

@@ -41,7 +41,8 @@ def connect(address: str) -> Cluster:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConnectionError(f"no Ray cluster at {address!r} ({exc}); start one (`ray start --head`) or"
-                                  " fix REDEX_RAY_ADDRESS / --ray, or run here with --ray local") from None
+                                  " fix the app's Ray setting / REDEX_RAY_ADDRESS / --ray, or run here with"
+                                  " --ray local") from None
         finally:
             if threading.current_thread() is threading.main_thread() and on_term is not None:
                 signal.signal(signal.SIGTERM, on_term)  # ray.init installs its own (exit); a job's cancel is ours
@@ -73,19 +74,35 @@ def capacity(cluster: Cluster, options: dict) -> int:
 
 
 def map_unordered(fn: Callable, calls: Iterable[tuple], options: dict, *, ctx: JobContext | None = None,
-                  ) -> Iterator[tuple[int, Any]]:
+                  in_flight: int | None = None) -> Iterator[tuple[int, Any]]:
     """Run `fn(*args)` for every tuple of `calls` as a Ray task with `options`; yield (index, result)
-    as tasks finish. Ray schedules them as resources free up. A cancel of the job (or leaving the loop
-    early) cancels the tasks still pending or running; a task's error is raised here as its own type."""
+    as tasks finish. Ray schedules them as resources free up. With `in_flight`, at most that many tasks
+    are submitted at once and `calls` is read only as they finish, so the driver holds (and the object
+    store keeps) the arguments of those tasks only; else every call is submitted at once. A cancel of
+    the job (or leaving the loop early) cancels the tasks still pending or running; a task's error is
+    raised here as its own type."""
     import ray
 
     remote = ray.remote(_call).options(**options)
-    pending = {remote.remote(fn, *args): i for i, args in enumerate(calls)}
+    todo = iter(enumerate(calls))
+    pending: dict = {}
+
+    def submit() -> None:
+        while in_flight is None or len(pending) < in_flight:
+            nxt = next(todo, None)
+            if nxt is None:
+                return
+            pending[remote.remote(fn, *nxt[1])] = nxt[0]  # the arguments go to the object store here
+
     try:
+        submit()
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S, fetch_local=True)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S, fetch_local=True)
+            if done:  # and every other one finished by now: refill as soon as one ends, not when all have
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0, fetch_local=True)
             for ref in done:
                 yield pending.pop(ref), ray.get(ref)
+            submit()
             if ctx is not None:
                 ctx.check_cancelled()
     finally:

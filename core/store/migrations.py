@@ -195,4 +195,32 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN ran_on JSON;
     """,
+    # 9: settings made in the app that jobs and the CLI read too, one value per key (e.g. 'ray_address':
+    # the Ray cluster heavy jobs go to, core.scale.setting).
+    """
+    CREATE TABLE settings (
+        key          VARCHAR PRIMARY KEY,
+        value        VARCHAR NOT NULL,
+        updated_at   TIMESTAMP DEFAULT current_timestamp
+    );
+    """,
+    # 10: near copies by pixels (ours, beside the paper's method; core.redundancy.copies), found once per
+    # (dataset, pixel cache, settings) by the cluster job and joined first in the merge trees.
+    """
+    CREATE TABLE copy_state (
+        dataset      VARCHAR PRIMARY KEY,
+        enabled      BOOLEAN NOT NULL,          -- join near copies in the trees (default on)
+        fingerprint  VARCHAR,                   -- of the train images (rows, pixel hashes, labels) + settings
+        settings     JSON,
+        pairs        INTEGER,
+        seconds      DOUBLE,
+        computed_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE copy_pairs (
+        dataset      VARCHAR NOT NULL,
+        row_a        INTEGER NOT NULL,          -- pixel-cache rows (images.row), same label, row_a < row_b
+        row_b        INTEGER NOT NULL,
+        distance     FLOAT NOT NULL             -- tolerant pixel distance (1 - best Pearson r)
+    );
+    """,
 ]
