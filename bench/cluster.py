@@ -20,7 +20,8 @@ planted near copies are made in pixel space (noise sigma 4/255, 85 % brightness,
 (g) with --near-copies (this part only): planted near copies of four kinds (1-2 px shifts, small
     crops/rescales, JPEG re-encodes, brightness/noise) among the 10,000 Fashion-MNIST test images,
     held out from the backbone's training; redex's own trained backbone (one per recipe of
-    --nc-recipes), cut at fraction 0.9, next to fastdup (its own venv, FASTDUP_PYTHON) and
+    --nc-recipes), cut at fraction 0.9, without and with the near-copy pairs by pixels joined first
+    (`core.redundancy.copies`, the default), next to fastdup (its own venv, FASTDUP_PYTHON) and
     imagededup PHash (the `bench` extra) on the same files: recall per kind, images flagged, wall time.
 
     .venv/bin/python bench/cluster.py [--quick] [--compare]
@@ -70,6 +71,12 @@ def parse_args() -> argparse.Namespace:
                         help="JSON list of overrides of backbone_recipe (with 'arch'), one backbone each; the first "
                              "is the ratios' baseline. Default: the backbone recipe, then cross-entropy only")
     parser.add_argument("--nc-no-tools", action="store_true", help="(g) without fastdup and imagededup")
+    parser.add_argument("--nc-load", default="",
+                        help="comma-separated state_dict files (torch.save(model.state_dict())), one per recipe "
+                             "of --nc-recipes: use those weights instead of training (top-1 then not measured)")
+    parser.add_argument("--nc-k", type=int, help="candidates per image and descriptor of the pairs (default: copies.DEFAULT_SETTINGS)")
+    parser.add_argument("--nc-threshold", type=float, help="tolerant-distance threshold of the pairs (default: "
+                                                           "core.redundancy.copies.DEFAULT_SETTINGS)")
     return parser.parse_args()
 
 
@@ -358,15 +365,25 @@ def recall_by_kind(hit: np.ndarray, kinds: np.ndarray) -> dict:
     return dict(out, all=float(hit.mean()))
 
 
+def copy_pairs(pixels: np.ndarray, labels: np.ndarray, settings=None) -> dict:
+    """Near-copy pairs by pixels per class (`core.redundancy.copies.class_pairs`): label -> positions
+    int64 [m, 2] among the class's members (np.flatnonzero(labels == label))."""
+    from core.redundancy import copies
+
+    settings = settings or copies.DEFAULT_SETTINGS
+    return {int(c): copies.class_pairs(pixels[labels == c], settings)[0] for c in np.unique(labels)}
+
+
 def copy_grouping(emb: np.ndarray, labels: np.ndarray, n_orig: int, source: np.ndarray, kinds: np.ndarray,
-                  fraction: float = COPY_FRACTION) -> dict:
+                  fraction: float = COPY_FRACTION, pairs: dict | None = None) -> dict:
     """Cut the per-class trees of `emb` ([n_orig originals; copies], labels by image) at `fraction`:
     recall per copy kind (copy in its original's group), images flagged (in a group of two or more)
-    and images removed."""
+    and images removed. `pairs`: per class the near copies joined first (`copy_pairs`), or None."""
     class_trees = {}
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        class_trees[int(c)] = (redundancy_trees.build_class_tree(emb[members]), emb[members], members)
+        joined = None if pairs is None else pairs[int(c)]
+        class_trees[int(c)] = (redundancy_trees.build_class_tree(emb[members], pairs=joined), emb[members], members)
     subset = cuts.select_subset(class_trees, fraction=fraction)
     group = subset.group
     hit = group[n_orig + np.arange(len(source))] == group[source]
@@ -454,15 +471,27 @@ def run_fastdup(folder: Path, names: list[str], n_orig: int, source: np.ndarray,
 
 
 def redex_on_files(folder: Path, names: list[str], labels: np.ndarray, model, n_orig: int, source: np.ndarray,
-                   kinds: np.ndarray) -> dict:
-    """redex's path after the backbone: decode the PNGs, embed, per-class trees, cut at 0.9."""
+                   kinds: np.ndarray, settings=None) -> list[dict]:
+    """redex's path after the backbone: decode the PNGs, embed, per-class trees, cut at 0.9; without
+    the pairs by pixels (the paper's method), then with them (their search timed apart, `pairs_s`)."""
     from core.embed.backbones import embed_batches
 
     start = time.perf_counter()
     pixels = np.stack([np.array(Image.open(folder / name)) for name in names])[..., None]
     emb = np.concatenate([f for _, _, f in embed_batches(model, pixels, batch_size=512, device="cpu")])
-    out = copy_grouping(emb, labels, n_orig, source, kinds)
-    return dict(out, seconds=time.perf_counter() - start)
+    decode_embed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = copy_grouping(emb, labels, n_orig, source, kinds)
+    trees_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pairs = copy_pairs(pixels[..., 0], labels, settings)
+    pairs_s = time.perf_counter() - start
+    start = time.perf_counter()
+    joined = copy_grouping(emb, labels, n_orig, source, kinds, pairs=pairs)
+    joined_s = time.perf_counter() - start
+    return [dict(alone, seconds=decode_embed_s + trees_s, pairs=None),
+            dict(joined, seconds=decode_embed_s + pairs_s + joined_s, pairs_s=pairs_s,
+                 pairs=int(sum(len(p) for p in pairs.values())))]
 
 
 def bench_near_copies(args, report: list[str]) -> None:
@@ -489,20 +518,37 @@ def bench_near_copies(args, report: list[str]) -> None:
         folder = Path(tmp)
         for name, image in zip(names, np.concatenate([x_held, copies])):
             Image.fromarray(image).save(folder / name)
-        for overrides in json.loads(args.nc_recipes):
+        from core.redundancy import copies
+
+        settings = dataclasses.replace(copies.DEFAULT_SETTINGS, **{k: v for k, v in (
+            ("threshold", args.nc_threshold), ("k", args.nc_k)) if v is not None})
+        loads = [p for p in args.nc_load.split(",") if p]
+        for r, overrides in enumerate(json.loads(args.nc_recipes)):
             overrides = dict(overrides)
             arch = overrides.pop("arch", backbones.parse_spec(backbones.DEFAULT_BACKBONE).name)
             recipe = dataclasses.replace(backbone_recipe(28, arch=arch), **overrides)
             start = time.perf_counter()
-            model, metrics = backbones.train_backbone(f"trained:{arch}", x_train[..., None], y_train, 10, recipe=recipe,
-                                                      eval_images=x_held[..., None], eval_labels=y_held, device="cpu")
-            train_s = time.perf_counter() - start
-            out = redex_on_files(folder, names, labels, model, n_held, source, kinds)
-            first = first or out
+            if r < len(loads):
+                import torch
+
+                model = backbones.build_model(f"trained:{arch}", 10, 1, 28)
+                model.load_state_dict(torch.load(loads[r], map_location="cpu"))
+                model.eval()
+                trained = f"weights from {loads[r]}"
+            else:
+                model, metrics = backbones.train_backbone(f"trained:{arch}", x_train[..., None], y_train, 10,
+                                                          recipe=recipe, eval_images=x_held[..., None],
+                                                          eval_labels=y_held, device="cpu")
+                trained = (f"held-out top-1 {metrics['test_top1']:.2%}, trained in {time.perf_counter() - start:.0f} s"
+                           f" (load {os.getloadavg()[0]:.1f})")
+            alone, joined = redex_on_files(folder, names, labels, model, n_held, source, kinds, settings)
+            first = first or alone
             label = f"redex trained:{arch}"
-            rows.append(dict(out, tool=label, setting=json.dumps(overrides) if overrides else "default recipe"))
-            report.append(f"  {label} {rows[-1]['setting']}: held-out top-1 {metrics['test_top1']:.2%}, "
-                          f"trained in {train_s:.0f} s (load {os.getloadavg()[0]:.1f})")
+            setting = json.dumps(overrides) if overrides else "default recipe"
+            rows.append(dict(alone, tool=label, setting=setting))
+            rows.append(dict(joined, tool=label + " + pairs", setting=f"{setting}, k {settings.k}, t {settings.threshold:g}"))
+            report.append(f"  {label} {setting}: {trained}; {joined['pairs']} pairs by pixels found in "
+                          f"{joined['pairs_s']:.1f} s (load {os.getloadavg()[0]:.1f})")
             print(report[-1], flush=True)
         if not args.nc_no_tools:
             target = first["flagged"]

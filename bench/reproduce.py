@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget", default="epochs", choices=plan.BUDGET_RULES)
     p.add_argument("--limit", type=int, help="first N images of each split (a smoke run)")
     p.add_argument("--out", default=str(ROOT / "docs" / "reproduction.md"))
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after the scan, backbone, embeddings and trees (to start the slow part early)")
     return p.parse_args()
 
 
@@ -175,7 +177,7 @@ def write_report(name: str, bid: str, args, sweep_s: float, out: Path) -> None:
         f"Recipe of every run (seed = run seed): `{recipe}`. Budget rule: same {args.budget}."
         f" Embeddings: the default backbone `{bid}` (recipe `core.training.recipe.backbone_recipe`) trained on"
         " the train split; complete linkage, nearest-mean"
-        " representatives. Random subsets have the same per-class counts."
+        f" representatives; {_near_copies(name)}. Random subsets have the same per-class counts."
         f" Evaluated on the {done.eval_split.iloc[0]} split ({int(done.n_eval.iloc[0]):,} images).", "",
         *rows, "",
         *(["![test accuracy vs subset size](reproduction.png)", ""] if has_plot else []),
@@ -185,9 +187,20 @@ def write_report(name: str, bid: str, args, sweep_s: float, out: Path) -> None:
     print("\n".join(text))
 
 
+def _near_copies(name: str) -> str:
+    """How the trees treated near copies by pixels (`core.redundancy.clusterings.ensure_copy_pairs`)."""
+    store = get_store()
+    if not clusterings.near_copies_enabled(name, store):
+        return "near copies by pixels off (the paper's method exactly)"
+    pairs = len(clusterings.stored_copy_pairs(name, store))
+    return f"near copies by pixels joined first ({pairs:,} pairs in the train split, `core.redundancy.copies`)"
+
+
 def main() -> None:
     args = parse_args()
     name, bid = prepare(args.limit)
+    if args.prepare_only:
+        return
     sweep_s = sweep(name, bid, args)
     write_report(name, bid, args, sweep_s, Path(args.out))
 

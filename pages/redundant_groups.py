@@ -47,6 +47,28 @@ def state_version(name: str, bid: str, linkage: str, generation: tuple) -> str:
 version = state_version(name, bid, linkage, widgets.store_generation())
 
 
+@st.cache_data(max_entries=8, ttl=60, show_spinner=False)
+def near_copies(name: str, version: str) -> dict:
+    return clusterings.copy_state(name)
+
+
+def switch_near_copies(key: str) -> None:
+    """The toggle changed: rebuild the trees with near copies joined or not (the job stores the setting)."""
+    jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage, "near_copies": st.session_state[key]})
+    st.session_state["trees_waiting"] = True
+
+
+copy_setting = near_copies(name, version)
+c2.toggle("Join near copies found by pixels", value=copy_setting["enabled"], key=f"near_copies_{name}",
+          on_change=switch_near_copies, args=(f"near_copies_{name}",),
+          help="Ours, beside the paper's method: images that are shifted, cropped or re-encoded copies of each"
+               " other (by pixels, within a class) share a group at every cut, whatever the embedding says. Off:"
+               " the paper's method exactly. A change rebuilds the merge trees (a job).")
+if copy_setting["pairs"] is not None and copy_setting["enabled"]:
+    c2.caption(f"{copy_setting['pairs']:,} near-copy pairs joined (searched in"
+               f" {wording.duration(copy_setting['seconds'] or 0)}).")
+
+
 @st.cache_resource(max_entries=3, show_spinner="Loading the merge trees...")
 def clustering(name: str, bid: str, linkage: str, version: str):
     """The trees with their embeddings (a memory-mapped snapshot once written), the cut index over

@@ -77,3 +77,20 @@ def test_threshold_slider_scale_follows_the_merge_distances(clustered):  # noqa:
     assert 0.8 <= kept(at) / index.n <= 0.95 and slider.value >= step  # about the fraction slider's 0.9
     at.slider(key="threshold").set_value(top).run()
     assert kept(at) == index.cut(threshold=top).n_groups
+
+
+def test_near_copy_toggle_rebuilds_the_trees_without_the_pairs(clustered):  # noqa: F811
+    # The page says how many near-copy pairs are joined and turns the pixel signal off (the paper's method
+    # exactly) with a cluster job; the job stores the setting and the page's trees follow it.
+    from core import jobs
+
+    name, bid, _ = clustered
+    assert clusterings.copy_state(name)["enabled"]  # on by default: the cluster job searched
+    at = run_page("pages/redundant_groups.py", dataset=name)
+    assert any("near-copy pairs joined" in c.value for c in at.caption)
+    at.toggle(key=f"near_copies_{name}").set_value(False).run()
+    assert not at.exception
+    (job,) = [j for j in jobs.list_jobs() if j["kind"] == "cluster" and j["params"].get("near_copies") is False]
+    assert jobs.wait(job["id"], timeout=300)["status"] == "done"
+    assert not clusterings.copy_state(name)["enabled"] and not len(clusterings.stored_copy_pairs(name))
+    clusterings.load_clustering(name, bid)  # every class's tree is current without the pairs

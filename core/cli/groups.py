@@ -9,6 +9,11 @@ def add_parsers(sub) -> None:
     cl = add_command(sub, "cluster", cmd_cluster, "class-wise agglomerative merge trees (cached; a job)")
     add_linkage_flag(cl)
     cl.add_argument("--backbone-id", help=NEWEST_BACKBONE)
+    copies = cl.add_mutually_exclusive_group()
+    copies.add_argument("--near-copies", dest="near_copies", action="store_true", default=None,
+                        help="join near copies found by pixels first (ours; the default, kept per dataset)")
+    copies.add_argument("--no-near-copies", dest="near_copies", action="store_false",
+                        help="the paper's method exactly: trees of the embeddings alone")
     add_ray_flag(cl)
     add_detach_flag(cl)
 
@@ -40,7 +45,10 @@ def cmd_cluster(args) -> int:
     from core.redundancy import clusterings
 
     bid = args.backbone_id or clusterings.default_backbone(args.name)
-    return start_job(args, "cluster", args.name, {"backbone_id": bid, "linkage": args.linkage},
+    params = {"backbone_id": bid, "linkage": args.linkage}
+    if args.near_copies is not None:
+        params["near_copies"] = args.near_copies
+    return start_job(args, "cluster", args.name, params,
                      f"{args.linkage}-linkage trees of {args.name!r} with {bid}")
 
 

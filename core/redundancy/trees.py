@@ -16,6 +16,12 @@ part-level merge gets height max(estimate, heights of the two subtrees), so the 
 monotone. Peak memory of that path: about 8 part_size^2 bytes (5,000: 0.2 GB) plus a few copies of
 the [n, D] embeddings.
 
+Near copies (ours, not the paper's): `pairs` of members found by another signal
+(`core.redundancy.copies`) can be joined first: every pair inside a connected component of the pairs
+gets distance 0, so under any linkage the component merges at height 0 before the tree's own merges
+and shares a group at every cut that keeps at most n - (members joined away) groups. On the
+approximate path a component is moved whole into the part of its smallest member first.
+
 Cuts are O(n) and vectorised: at build time the leaves are put in dendrogram order, in which every
 group of every cut is a contiguous run, and each of the n-1 gaps between neighbours in that order is
 tagged with the merge that joins them. A cut is then "which gaps stay open", a comparison and a
@@ -113,6 +119,7 @@ def build_class_tree(
     seed: int = 0,
     progress: Progress | None = None,
     map_parts: Callable = map,
+    pairs: np.ndarray | None = None,
 ) -> ClassTree:
     """Agglomerative tree of one class's embeddings `emb` [n, D] under cosine dissimilarity.
 
@@ -120,6 +127,7 @@ def build_class_tree(
     (parts of at most min(part_size, exact_limit) members). `progress(done, total)` counts finished
     parts (one for an exact tree). `map_parts(fn, parts)` computes the parts' exact trees, in order
     (default: one after the other here; `core.scale` passes one that runs them as Ray tasks).
+    `pairs` int [m, 2]: members to join before any merge (distance 0 within their connected components).
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
@@ -132,16 +140,21 @@ def build_class_tree(
         raise ValueError("exact_limit and part_size must be >= 2")
     n = len(emb)
     unit = unit_rows(emb)
+    comp = _components(n, pairs)
     meta = {"method": linkage, "n": n, "exact_limit": exact_limit, "part_size": part_size,
             "seed": seed, "exact": n <= exact_limit, "n_parts": 1}
+    if comp is not None:
+        meta["joined"] = int(n - len(np.unique(comp)))  # merges at height 0 that the pairs force
     if n <= exact_limit:
-        z = exact_linkage(unit, linkage)
+        z = exact_linkage(unit, linkage, comp)
         if progress is not None:
             progress(1, 1)
     else:
         parts = partition(unit, min(part_size, exact_limit), seed)
+        if comp is not None:
+            parts = _keep_components_whole(parts, comp)
         meta["n_parts"] = len(parts)
-        z = _approximate_linkage(unit, parts, linkage, seed, progress, map_parts)
+        z = _approximate_linkage(unit, parts, linkage, seed, progress, map_parts, comp)
     return ClassTree.from_linkage(z, meta)
 
 
@@ -156,11 +169,50 @@ def row_norms(emb: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", emb, emb))
 
 
-def exact_linkage(unit: np.ndarray, method: str) -> np.ndarray:
-    """scipy linkage matrix float64 [n-1, 4] of unit rows [n, D] under cosine distance."""
+def exact_linkage(unit: np.ndarray, method: str, comp: np.ndarray | None = None) -> np.ndarray:
+    """scipy linkage matrix float64 [n-1, 4] of unit rows [n, D] under cosine distance; members with the
+    same `comp` id (int [n], see `_components`) at distance 0."""
     if len(unit) == 1:
         return np.zeros((0, 4))
-    return scipy_linkage(condensed_cosine(unit), method=method)
+    dist = condensed_cosine(unit)
+    if comp is not None:
+        _join(dist, comp)
+    return scipy_linkage(dist, method=method)
+
+
+def _components(n: int, pairs: np.ndarray | None) -> np.ndarray | None:
+    """Component id int64 [n] of the members joined by `pairs` [m, 2] (None without pairs)."""
+    if pairs is None or len(pairs) == 0:
+        return None
+    from core.redundancy.copies import components
+
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if pairs.min() < 0 or pairs.max() >= n:
+        raise ValueError(f"pairs must be member positions in 0..{n - 1}")
+    return components(n, pairs)
+
+
+def _join(dist: np.ndarray, comp: np.ndarray) -> None:
+    """Set to 0, in condensed distances `dist` of n members, every pair with the same `comp` id."""
+    n = len(comp)
+    order = np.argsort(comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(comp[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 2:
+            continue
+        i, j = np.triu_indices(len(members), 1)
+        a, b = np.sort(members)[i], np.sort(members)[j]
+        dist[n * a - a * (a + 1) // 2 + (b - a - 1)] = 0.0
+
+
+def _keep_components_whole(parts: list[np.ndarray], comp: np.ndarray) -> list[np.ndarray]:
+    """`parts` with each joined component moved into the part of its smallest member (its id)."""
+    part_of = np.empty(len(comp), np.int64)
+    for p, idx in enumerate(parts):
+        part_of[idx] = p
+    target = part_of[comp]
+    moved = [np.flatnonzero(target == p) for p in range(len(parts))]
+    return sorted((m for m in moved if len(m)), key=lambda m: int(m[0]))
 
 
 def condensed_cosine(unit: np.ndarray) -> np.ndarray:
@@ -208,10 +260,11 @@ def partition(unit: np.ndarray, part_size: int, seed: int) -> list[np.ndarray]:
 
 
 def _approximate_linkage(unit: np.ndarray, parts: list[np.ndarray], method: str, seed: int,
-                         progress: Progress | None, map_parts: Callable = map) -> np.ndarray:
+                         progress: Progress | None, map_parts: Callable = map,
+                         comp: np.ndarray | None = None) -> np.ndarray:
     """Linkage float64 [n-1, 4] over all rows: exact trees inside `parts`, then the parts agglomerated."""
     n = len(unit)
-    children, heights, sizes, roots, root_heights = _part_trees(unit, parts, method, progress, map_parts)
+    children, heights, sizes, roots, root_heights = _part_trees(unit, parts, method, progress, map_parts, comp)
     dist = _part_distances(unit, parts, method, np.random.default_rng(seed))
     top = _agglomerate(dist, np.array([len(p) for p in parts], np.float64), method)
     node_ids = np.concatenate([roots, n + len(heights) + np.arange(len(top))])
@@ -224,8 +277,13 @@ def _approximate_linkage(unit: np.ndarray, parts: list[np.ndarray], method: str,
                      np.concatenate([sizes, [size for *_, size in top]]))
 
 
+def _part_linkage(item: tuple[np.ndarray, np.ndarray | None], method: str) -> np.ndarray:
+    """`exact_linkage` of one part: item = (its unit rows, its members' component ids or None)."""
+    return exact_linkage(item[0], method, item[1])
+
+
 def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress: Progress | None,
-                map_parts: Callable = map):
+                map_parts: Callable = map, comp: np.ndarray | None = None):
     """Exact trees of the parts as merges over global ids (ids >= n: n + position in the list).
 
     Returns children int64 [m, 2], heights [m], sizes [m] (m = n - P), and per part its root id
@@ -235,7 +293,11 @@ def _part_trees(unit: np.ndarray, parts: list[np.ndarray], method: str, progress
     children, heights, sizes = [], [], []
     roots, root_heights = np.empty(len(parts), np.int64), np.zeros(len(parts))
     done = 0
-    part_linkages = map_parts(functools.partial(exact_linkage, method=method), (unit[idx] for idx in parts))
+    if comp is None:
+        part_linkages = map_parts(functools.partial(exact_linkage, method=method), (unit[idx] for idx in parts))
+    else:
+        part_linkages = map_parts(functools.partial(_part_linkage, method=method),
+                                  ((unit[idx], comp[idx]) for idx in parts))
     for p, (idx, z) in enumerate(zip(parts, part_linkages)):
         ids = np.concatenate([idx, n + done + np.arange(len(z))])  # part-local id -> global id
         children.append(ids[z[:, :2].astype(np.int64)])
