@@ -64,9 +64,15 @@ c2.toggle("Join near copies found by pixels", value=copy_setting["enabled"], key
           help="Ours, beside the paper's method: images that are shifted, cropped or re-encoded copies of each"
                " other (by pixels, within a class) share a group at every cut, whatever the embedding says. Off:"
                " the paper's method exactly. A change rebuilds the merge trees (a job).")
-if copy_setting["pairs"] is not None and copy_setting["enabled"]:
+if copy_setting["enabled"] and copy_setting["pairs"] is not None:
     c2.caption(f"{copy_setting['pairs']:,} near-copy pairs joined (searched in"
                f" {wording.duration(copy_setting['seconds'] or 0)}).")
+elif copy_setting["enabled"]:  # trees built before the search existed, or the first pass of a job
+    c2.caption("Not searched yet for this dataset: the trees join no pairs so far.")
+    if c2.button("Search now", key="near_copies_search", help="A cluster job: it searches the near copies and"
+                 " rebuilds the trees of the classes that have some; the groups stay usable meanwhile."):
+        jobs.launch("cluster", name, {"backbone_id": bid, "linkage": linkage, "near_copies": True})
+        st.session_state["trees_waiting"] = True
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the merge trees...")
