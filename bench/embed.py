@@ -268,20 +268,20 @@ def time_pipeline(model, files: list[Path], batch_size: int, workers: int, devic
     from core.embed.timm_models import ImageReader, embed_images
 
     start = time.perf_counter()
-    vectors, failed = embed_images(model, ImageReader(model.transform, files=files), batch_size=batch_size,
-                                   num_workers=workers, device=device)
+    reader = ImageReader(model.transform, files=files, min_side=model.decode_side)  # as the embed job reads
+    vectors, failed = embed_images(model, reader, batch_size=batch_size, num_workers=workers, device=device)
     seconds = time.perf_counter() - start
     if failed or not np.isfinite(vectors).all():
         raise SystemExit(f"the pipeline could not read {len(failed)} file(s): {list(failed.items())[:3]}")
     return seconds
 
 
-def time_reader(transform, files: list[Path], batch_size: int, workers: int) -> float:
+def time_reader(transform, files: list[Path], batch_size: int, workers: int, min_side: int | None = None) -> float:
     """Seconds for the decode side alone: the same DataLoader as `embed_images` (workers, batches,
     collate), no model."""
     from core.embed.timm_models import ImageReader, _collate
 
-    loader = torch.utils.data.DataLoader(ImageReader(transform, files=files), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageReader(transform, files=files, min_side=min_side), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     start = time.perf_counter()
     for _index, _batch, _bad in loader:
@@ -309,20 +309,24 @@ def clocked(fn, *args) -> tuple[float, float]:
     return seconds, sum(after[:4]) - sum(before[:4])
 
 
-def decode_breakdown(transform, files: list[Path]) -> dict[str, float]:
-    """Milliseconds per image in this process: `open_image` (read, checks, decode, EXIF) and the timm
-    eval transform (resize, crop, to tensor, normalise) after it."""
+def decode_breakdown(transform, files: list[Path], min_side: int | None = None) -> dict[str, float]:
+    """Milliseconds per image in this process: `open_image` (read, checks, decode, EXIF; a JPEG at the
+    reduced scale that keeps `min_side`, as the embed job reads) and the timm eval transform (resize,
+    crop, to tensor, normalise) after it; the same at full resolution (the baseline: before the reduced
+    decode), interleaved."""
     from core.data.decode import open_image
 
-    open_s = transform_s = 0.0
+    times = {"open_ms": 0.0, "transform_ms": 0.0, "full_open_ms": 0.0, "full_transform_ms": 0.0}
     for path in files:
-        t0 = time.perf_counter()
-        im = open_image(path)
-        t1 = time.perf_counter()
-        transform(im.convert("RGB"))
-        t2 = time.perf_counter()
-        open_s, transform_s = open_s + t1 - t0, transform_s + t2 - t1
-    return {"open_ms": 1000 * open_s / len(files), "transform_ms": 1000 * transform_s / len(files)}
+        for prefix, side in (("", min_side), ("full_", None)):
+            t0 = time.perf_counter()
+            im = open_image(path, side)
+            t1 = time.perf_counter()
+            transform(im.convert("RGB"))
+            t2 = time.perf_counter()
+            times[prefix + "open_ms"] += 1000 * (t1 - t0) / len(files)
+            times[prefix + "transform_ms"] += 1000 * (t2 - t1) / len(files)
+    return times
 
 
 def run_fastdup_timed(folder: Path) -> dict | str:
@@ -371,7 +375,7 @@ def photos_main(args: argparse.Namespace) -> None:
         reader = timm_models.ImageReader(model.transform, files=files[:args.batch_size])
         one = torch.stack([reader[i][1] for i in range(len(reader))]).to(device)  # speed does not depend on content
         batches = [one[:min(args.batch_size, len(files) - lo)] for lo in range(0, len(files), args.batch_size)]
-        breakdown = decode_breakdown(model.transform, files[:min(len(files), 32)])
+        breakdown = decode_breakdown(model.transform, files[:min(len(files), 32)], model.decode_side)
         time_features(model, batches[:1], device)  # warm-up
         time_pipeline(model, files[:args.batch_size], args.batch_size, workers[0], device)
         times = {w: {"pipeline": [], "bare": [], "reader": []} for w in workers}
@@ -379,7 +383,8 @@ def photos_main(args: argparse.Namespace) -> None:
             for w in workers:
                 times[w]["bare"].append(clocked(time_features, model, batches, device))
                 times[w]["pipeline"].append(clocked(time_pipeline, model, files, args.batch_size, w, device))
-                times[w]["reader"].append(clocked(time_reader, model.transform, files, args.batch_size, w))
+                times[w]["reader"].append(clocked(time_reader, model.transform, files, args.batch_size, w,
+                                                       model.decode_side))
                 print(f"[photos] run {r + 1}/{repeats}, {w} worker(s): " + ", ".join(
                     f"{k} {v[-1][0]:.1f} s ({v[-1][1]:.1f} CPU s)" for k, v in times[w].items()), flush=True)
         fastdup = []
@@ -408,8 +413,12 @@ def photos_main(args: argparse.Namespace) -> None:
     print("weights         : local checkpoint made by the bench (timm architecture, random init), throughput"
           " only; loaded by load_timm(checkpoint=...)")
     print(f"batch           : {args.batch_size}; best of {repeats} interleaved runs")
-    print(f"one process     : open_image {breakdown['open_ms']:.0f} ms + timm transform "
-          f"{breakdown['transform_ms']:.0f} ms per image ({1000 / sum(breakdown.values()):.1f} img/s on one core)")
+    reduced = breakdown["open_ms"] + breakdown["transform_ms"]
+    full = breakdown["full_open_ms"] + breakdown["full_transform_ms"]
+    print(f"one process     : open_image {breakdown['open_ms']:.0f} ms + timm transform {breakdown['transform_ms']:.0f}"
+          f" ms per image ({1000 / reduced:.1f} img/s on one core), JPEG decoded at >= {model.decode_side} px;"
+          f" at full resolution {breakdown['full_open_ms']:.0f} + {breakdown['full_transform_ms']:.0f} ms"
+          f" (reduced / full: {reduced / full:.2f})")
     print(f"{'workers':>7} | {'pipeline img/s':>14} | {'bare fwd img/s':>14} | {'ratio':>5} | {'decode img/s':>12} |"
           f" {'fastdup img/s':>13} | {'vs fastdup':>10}")
     for w, row in ips.items():

@@ -13,6 +13,7 @@ export writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Hashable, Mapping
 
 import numpy as np
@@ -108,12 +109,14 @@ class Cut:
     def n_groups(self) -> int:
         return len(self.first)
 
-    @property
+    # Computed once per cut (a page keeps its cuts): over a million groups each is a few milliseconds,
+    # and a page of groups asks for them once per group shown.
+    @cached_property
     def group_sizes(self) -> np.ndarray:
         """int64 [G] members per group."""
         return np.diff(np.append(self.first, self.index.n))
 
-    @property
+    @cached_property
     def group_class(self) -> np.ndarray:
         """int32 [G] class index of each group."""
         return self.index.class_of[self.first]
@@ -165,7 +168,8 @@ class Cut:
         tree, emb, members = idx.classes[label]
         lo, hi = idx.starts[c], idx.starts[c] + idx.sizes[c]
         opens = np.zeros(hi - lo, bool)
-        opens[self.first[(self.first >= lo) & (self.first < hi)] - lo] = True
+        a, b = np.searchsorted(self.first, [lo, hi])  # the class's groups: a run of `first`
+        opens[self.first[a:b] - lo] = True
         local_labels = np.empty(tree.n, np.int32)
         local_labels[idx.local[lo:hi]] = np.cumsum(opens, dtype=np.int32) - 1
         return np.asarray(members, np.int64)[representatives(tree, emb, local_labels, rule, seed=[seed, c])]
