@@ -57,10 +57,10 @@ rankers = rankers_of(name, generation)
 if rankers.empty:
     if group:
         group_images()
-    st.info("No patch ranker for this dataset yet. Training one takes a few minutes on a CPU: an MAE learns to"
-            " reconstruct the train images from a quarter of their patches, a small ViT ranker learns which"
-            " patches the MAE's reconstruction depends on most (LTRP, Luo et al. 2024), and every image is"
-            " scored. Command line (`--checkpoint` takes a pretrained MAE):")
+    st.info("No patch ranker for this dataset yet. Training one: an MAE learns to reconstruct the train images"
+            " from a quarter of their patches, a small ViT ranker learns which patches the MAE's reconstruction"
+            " depends on most (LTRP, Luo et al. 2024), and every image is scored. Command line (`--checkpoint`"
+            " takes a pretrained MAE):")
     st.code(f"redex ltrp train {name}", language=None)
     with st.expander("Settings"):
         a, b, c = st.columns(3)
@@ -72,6 +72,10 @@ if rankers.empty:
             help="Share of patches hidden when the MAE's pseudo-scores are computed. The paper uses 0.9 (19 of"
                  " 196 patches visible); redex's default is 0.9 above 64 patches and 0.75 on small grids"
                  " (28 px images: 49 patches, of which 0.9 would leave 4 visible), where 0.75 ranked better.")
+    settings = ltrp_models.LtrpSettings(mae_epochs=int(mae_epochs), ranker_epochs=int(ranker_epochs))
+    est = ltrp_models.ltrp_estimate(name, settings)
+    st.caption((f"About {wording.duration(est.seconds)} here now with these epochs ({est.text()})."
+                if est.seconds is not None else f"Time: {est.text()}; the job's progress bar shows its pace."))
     if st.button("Train the patch ranker", type="primary"):
         jobs.launch("ltrp", name, {"mae_epochs": int(mae_epochs), "ranker_epochs": int(ranker_epochs),
                                    "mask_ratio": float(mask_ratio) or None})

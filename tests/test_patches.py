@@ -264,3 +264,18 @@ def test_page_heatmap_slider_grid_and_group(store, scored):
     assert not at.exception
     assert at.radio(key="heat_mode").value == "Redundant group" and at.subheader[0].value == "Group 3 · Bag"
     assert len(at.get("image")) == 6  # score maps, then kept patches
+
+
+def test_the_ranker_button_says_how_long_training_takes_here(store, fmnist):
+    # The page said "a few minutes on a CPU" whatever the machine: now the last ranker trained here (same
+    # image size) gives the estimate, scaled to the load now; before any, it says there is none yet.
+    from core import estimates
+
+    at = run_page("pages/patch_heatmaps.py", dataset=fmnist)
+    assert any("no measurement yet on this machine" in c.value for c in at.caption)
+    key, work = ltrp_models._ltrp_work(fmnist, ltrp_models.LtrpSettings(), store)
+    estimates.record("ltrp", key, 20_000, 40.0)  # 500 image-epochs/s, as a training job records it
+    est = ltrp_models.ltrp_estimate(fmnist, store=store)
+    assert est.seconds is not None and est.seconds == pytest.approx(work / est.rate)
+    at = run_page("pages/patch_heatmaps.py", dataset=fmnist)
+    assert any(c.value.startswith("About ") and "last run on this machine" in c.value for c in at.caption)

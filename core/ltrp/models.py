@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from core import config, paths
+from core import config, estimates, paths
 from core.data.catalog import get_dataset, load_pixels
 from core.embed.embeddings import progress_message, training_split
 from core.jobs import JobContext
@@ -237,12 +237,34 @@ def ensure_ranker(name: str, mae, mae_id: str, settings: LtrpSettings, *, retrai
 
 def train_ltrp(name: str, settings: LtrpSettings | None = None, *, checkpoint: str | None = None,
                retrain: bool = False, store: Store | None = None, ctx: JobContext | None = None) -> dict:
-    """MAE (trained here, cached, or from `checkpoint`), then the ranker. Returns their ids."""
+    """MAE (trained here, cached, or from `checkpoint`), then the ranker. Returns their ids. Both trained
+    here: their pace is recorded for the next estimate (`ltrp_estimate`)."""
+    import time
+
     settings = settings or LtrpSettings()
+    started = time.perf_counter()
     mae, mae_id, fresh = ensure_mae(name, settings, checkpoint=checkpoint, retrain=retrain, store=store, ctx=ctx)
     # A freshly trained MAE changed the teacher behind the same ranker id: train the ranker again too.
     _, rid = ensure_ranker(name, mae, mae_id, settings, retrain=retrain or fresh, store=store, ctx=ctx)
+    if fresh and not checkpoint:
+        key, work = _ltrp_work(name, settings, store or get_store())
+        estimates.record("ltrp", key, work, time.perf_counter() - started)
     return {"mae_id": mae_id, "ranker_id": rid}
+
+
+def _ltrp_work(name: str, settings: LtrpSettings, store: Store | None = None) -> tuple[str, float]:
+    """(speed key, image-epochs) of training an MAE and its ranker on the dataset."""
+    ds = get_dataset(name, store)
+    train = training_split(name, store, seed=settings.seed)[0]
+    return (estimates.speed_key("ltrp", ds["image_size"], ds["channels"]),
+            len(train) * (settings.mae_epochs + settings.ranker_epochs))
+
+
+def ltrp_estimate(name: str, settings: LtrpSettings | None = None, store: Store | None = None) -> estimates.Estimate:
+    """How long training an MAE and its ranker would take here now, from the last one trained on this
+    machine (same image size), scaled to the load now; `seconds` None before any."""
+    key, work = _ltrp_work(name, settings or LtrpSettings(), store)
+    return estimates.estimate("ltrp", key, work)
 
 
 # -- reading models and scores -----------------------------------------------------------------
