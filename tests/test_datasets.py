@@ -77,7 +77,7 @@ def test_missing_path_and_empty_dataset_give_clear_messages(store, tmp_path):
     with pytest.raises(catalog.DatasetError, match="no such file or folder"):
         sources.register(str(tmp_path / "nope"))
     (tmp_path / "empty" / "classA").mkdir(parents=True)
-    with pytest.raises(catalog.DatasetError, match="class folder.* hold no files"):  # refused at once
+    with pytest.raises(catalog.DatasetError, match="class folders? holds? no files"):  # refused at once
         sources.register(str(tmp_path / "empty"))
     image = tmp_path / "empty" / "classA" / "a.png"
     image.write_bytes(png_bytes(np.zeros((8, 8), np.uint8)))

@@ -324,14 +324,15 @@ def _cluster_task(ctx: JobContext) -> dict:
     p = ctx.params
     name, linkage, near = ctx.dataset, p.get("linkage", "complete"), p.get("near_copies")
     passes = [False, True] if copy_pairs_pending(name, near, ctx.store) else [True]
+    done = []
     for search in passes:
-        out = cluster(name, p.get("backbone_id"), linkage, store=ctx.store, ctx=ctx, near_copies=near,
-                      search=search)
+        done.append(cluster(name, p.get("backbone_id"), linkage, store=ctx.store, ctx=ctx, near_copies=near,
+                            search=search))
         ctx.phase("snapshot for the pages")
-        open_clustering(name, out["backbone_id"], linkage, store=ctx.store)  # writes it
-    out["near_copies"] = {"pairs": int(len(stored_copy_pairs(name, ctx.store))),
-                          "on": near_copies_enabled(name, ctx.store)}
-    return out
+        open_clustering(name, done[-1]["backbone_id"], linkage, store=ctx.store)  # writes it
+    return {**done[-1], "built": sum(d["built"] for d in done), "reused": done[0]["reused"],
+            "near_copies": {"pairs": int(len(stored_copy_pairs(name, ctx.store))),
+                            "on": near_copies_enabled(name, ctx.store)}}
 
 
 def open_clustering(name: str, bid: str, linkage: str = "complete", version: str | None = None,
