@@ -286,6 +286,8 @@ def _class_trees(by_class: dict[str, np.ndarray], valid: dict[str, str], ids: np
         else:
             todo.append((label, pos, fp))
     address = ray_address(ctx.params if ctx else None)
+    if not todo:  # every tree is current: nothing to build, no cluster to join
+        return
     if address is None:
         for label, pos, fp in todo:
             yield label, pos, fp, trees.build_class_tree(emb[pos], linkage, pairs=class_pairs.get(label))
