@@ -69,8 +69,12 @@ def png_bytes(arr: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> byt
 @pytest.fixture
 def image_folder(tmp_path, fmnist_test) -> Path:
     """An ImageFolder of 60 real Fashion-MNIST images: train/ and test/, 3 classes x (15 + 5)."""
+    return write_image_folder(tmp_path / "folder", fmnist_test)
+
+
+def write_image_folder(root: Path, fmnist_test) -> Path:
+    """`image_folder`'s 60 images written under `root`."""
     images, labels = fmnist_test
-    root = tmp_path / "folder"
     for cls in (0, 1, 2):
         idx = np.flatnonzero(labels == cls)[:20]
         for j, i in enumerate(idx):
@@ -79,6 +83,61 @@ def image_folder(tmp_path, fmnist_test) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png_bytes(images[i]))
     return root
+
+
+def build_clustered(store, image_folder):
+    """The 60-image folder plus planted duplicates: a byte copy, a re-encoded (pixel-identical) copy,
+    and the same image filed under another class; scanned, embedded and clustered by the CLI."""
+    from core.cli import main as cli
+    from core.data import scan, sources
+    from core.embed import embeddings
+    from core.embed.backbones import DEFAULT_BACKBONE
+
+    src = next((image_folder / "train" / "class0").iterdir())
+    shutil.copy(src, image_folder / "train" / "class0" / "bytecopy.png")
+    from PIL import Image
+    Image.open(src).save(image_folder / "train" / "class0" / "recoded.bmp")
+    shutil.copy(src, image_folder / "train" / "class1" / "mislabelled.png")
+    name = sources.register(str(image_folder), "grp")
+    scan.scan(name, store)
+    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
+    embeddings.embed_dataset(name, model, bid, store=store)
+    assert cli(["cluster", name]) == 0
+    return name, bid, src.relative_to(image_folder).as_posix()
+
+
+def store_template(root: Path, build) -> tuple[Path, object]:
+    """`build(store, folder)` run once in a store folder of its own under `root`, over `image_folder`'s 60
+    images written to `root / "folder"`: (the store folder, what `build` returned). Tests start from a copy
+    of it (`copy_store`), so a fixture that trains and clusters runs once per test worker, not per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDEX_CACHE", str(root / "cache"))
+        db._stores.clear()
+        store = db.get_store()
+        built = build(store, write_image_folder(root / "folder", load_fashion_mnist(config.fashion_mnist_dir(), "test")))
+        store.execute("CHECKPOINT")
+        db._stores.clear()
+    return root / "cache", built
+
+
+def copy_store(template: tuple[Path, object], cache: Path):
+    """This test's own copy of a `store_template` (a real DuckDB file, checkpoints, snapshots) in `cache`,
+    over the template's image folder, which tests must not change. Returns what its build returned."""
+    folder, built = template
+    db._stores.clear()
+    shutil.copytree(folder, cache, dirs_exist_ok=True)
+    return built
+
+
+@pytest.fixture(scope="session")
+def clustered_template(tmp_path_factory):
+    return store_template(tmp_path_factory.mktemp("clustered"), build_clustered)
+
+
+@pytest.fixture
+def clustered(cache, clustered_template):
+    """`build_clustered`'s store, this test's own copy: tests that change the image folder build their own."""
+    return copy_store(clustered_template, cache)
 
 
 @pytest.fixture(scope="module")

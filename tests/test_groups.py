@@ -1,5 +1,4 @@
 """Redundant groups through the store, the CLI and the page: trees cached, cut, exported, invalidated."""
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -8,28 +7,11 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from core.cli import main as cli
-from core.data import scan, sources
+from core.data import scan
 from core.embed import embeddings
 from core.embed.backbones import DEFAULT_BACKBONE
 from core.redundancy import clusterings, review
-from tests.conftest import run_page
-
-
-@pytest.fixture
-def clustered(store, image_folder):
-    """The 60-image folder plus planted duplicates: a byte copy, a re-encoded (pixel-identical) copy,
-    and the same image filed under another class."""
-    src = next((image_folder / "train" / "class0").iterdir())
-    shutil.copy(src, image_folder / "train" / "class0" / "bytecopy.png")
-    from PIL import Image
-    Image.open(src).save(image_folder / "train" / "class0" / "recoded.bmp")
-    shutil.copy(src, image_folder / "train" / "class1" / "mislabelled.png")
-    name = sources.register(str(image_folder), "grp")
-    scan.scan(name, store)
-    model, bid = embeddings.ensure_backbone(name, DEFAULT_BACKBONE, epochs=2, store=store)
-    embeddings.embed_dataset(name, model, bid, store=store)
-    assert cli(["cluster", name]) == 0
-    return name, bid, src.relative_to(image_folder).as_posix()
+from tests.conftest import build_clustered, run_page
 
 
 def test_subset_counts_and_export(clustered, tmp_path, capsys):
@@ -76,10 +58,10 @@ def test_threshold_mode_reports_the_fraction(clustered, store):
         assert s.kept_fraction == pytest.approx(sum(expected.values()) / train.sum())
 
 
-def test_trees_are_reused_and_invalidated_by_new_embeddings(clustered, store, image_folder, fmnist_test):
+def test_trees_are_reused_and_invalidated_by_new_embeddings(store, image_folder, fmnist_test):
     from tests.conftest import png_bytes
 
-    name, bid, _ = clustered
+    name, bid, _ = build_clustered(store, image_folder)  # its own: the test adds an image to the folder
     assert clusterings.cluster(name, bid, store=store) == {"backbone_id": bid, "linkage": "complete", "built": 0,
                                                      "reused": 3, "images": 48}
     (image_folder / "train" / "class2" / "new.png").write_bytes(png_bytes(fmnist_test[0][900]))

@@ -5,7 +5,6 @@ import pytest
 from core.embed import projection
 from core.redundancy import clusterings, review, snapshot
 from tests.conftest import run_page
-from tests.test_groups import clustered  # noqa: F401  (the fixture)
 
 EXPENSIVE = [(clusterings, "load_clustering"), (snapshot, "load"), (clusterings, "tree_status"), (review, "duplicates"),
              (review, "label_conflicts"), (projection, "projection")]
@@ -13,7 +12,12 @@ EXPENSIVE = [(clusterings, "load_clustering"), (snapshot, "load"), (clusterings,
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts calls of the expensive functions (the real ones still run)."""
+    """Counts calls of the expensive functions (the real ones still run), from empty Streamlit caches: the
+    caches outlive a test in this process, and another test's copy of the same store has the same versions."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
     counts = {}
     for module, fn in EXPENSIVE:
         real = getattr(module, fn)
@@ -29,7 +33,7 @@ def kept(at) -> int:
     return int({m.label: m.value for m in at.metric}["Kept"].replace(",", ""))
 
 
-def test_slider_reruns_cost_no_expensive_call(clustered, calls):  # noqa: F811
+def test_slider_reruns_cost_no_expensive_call(clustered, calls):
     name, bid, _ = clustered
     at = run_page("pages/redundant_groups.py", dataset=name)
     assert not at.exception
@@ -49,7 +53,7 @@ def test_slider_reruns_cost_no_expensive_call(clustered, calls):  # noqa: F811
     assert list(per_class.kept) == [max(1, round(0.7 * n)) for n in per_class.images]
 
 
-def test_duplicates_section_shows_a_table_not_source_or_help(clustered):  # noqa: F811
+def test_duplicates_section_shows_a_table_not_source_or_help(clustered):
     name, _, _ = clustered
     at = run_page("pages/redundant_groups.py", dataset=name)
     at.segmented_control(key="groups_section").set_value("Duplicates & label conflicts").run()
@@ -61,7 +65,7 @@ def test_duplicates_section_shows_a_table_not_source_or_help(clustered):  # noqa
     assert any("mislabelled.png" in t.value for t in at.text)  # the planted label conflict, listed
 
 
-def test_threshold_slider_scale_follows_the_merge_distances(clustered):  # noqa: F811
+def test_threshold_slider_scale_follows_the_merge_distances(clustered):
     # A fixed 0-1 scale in steps of 0.005 jumped from every image kept to 92 % in one step on Fashion-MNIST
     # (near copies are a few thousandths apart) and its default of 0.05 kept 9 %: the scale comes from the
     # clustering's own distances, and the default keeps about as much as the fraction slider's 0.9.
@@ -79,7 +83,7 @@ def test_threshold_slider_scale_follows_the_merge_distances(clustered):  # noqa:
     assert kept(at) == index.cut(threshold=top).n_groups
 
 
-def test_near_copy_toggle_rebuilds_the_trees_without_the_pairs(clustered):  # noqa: F811
+def test_near_copy_toggle_rebuilds_the_trees_without_the_pairs(clustered):
     # The page says how many near-copy pairs are joined and turns the pixel signal off (the paper's method
     # exactly) with a cluster job; the job stores the setting and the page's trees follow it.
     from core import jobs

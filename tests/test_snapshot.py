@@ -5,10 +5,9 @@ import numpy as np
 from core.data import sources
 from core.redundancy import clusterings, snapshot
 from core.redundancy.snapshot import LazyTable
-from tests.test_groups import clustered  # noqa: F401  (the fixture)
 
 
-def test_the_cluster_job_writes_a_snapshot_that_cuts_like_the_store_for_one_version_only(clustered):  # noqa: F811
+def test_the_cluster_job_writes_a_snapshot_that_cuts_like_the_store_for_one_version_only(clustered):
     name, bid, _ = clustered
     version = clusterings.state_version(name, bid, "complete")
     fast = snapshot.load(name, bid, "complete", version)  # written by the cluster job

@@ -15,14 +15,13 @@ from core.embed.backbones import DEFAULT_BACKBONE
 from core.redundancy import clusterings
 from core.redundancy.cuts import groups_for_fraction
 from core.subsets import plan, results, sweeps
-from tests.conftest import run_page, wait_until
+from tests.conftest import copy_store, run_page, store_template, wait_until
 
 QUICK = {"epochs": 1, "batch_size": 16}
 LEARNS = {"epochs": 20, "batch_size": 16}  # 1 to 2 s a run; 1 epoch only learns to predict one class (1/3)
 
 
-@pytest.fixture
-def ready(store, image_folder):
+def build_ready(store, image_folder):
     """60 real images (3 classes x 15 train + 5 test), embedded and clustered."""
     name = sources.register(str(image_folder), "sub")
     scan.scan(name, store)
@@ -30,6 +29,17 @@ def ready(store, image_folder):
     embeddings.embed_dataset(name, model, bid, store=store)
     clusterings.cluster(name, bid, store=store)
     return name, bid
+
+
+@pytest.fixture(scope="module")
+def ready_template(tmp_path_factory):
+    return store_template(tmp_path_factory.mktemp("ready"), build_ready)
+
+
+@pytest.fixture
+def ready(cache, ready_template):
+    """`build_ready`'s store, this test's own copy."""
+    return copy_store(ready_template, cache)
 
 
 def test_plan_keeps_class_counts_and_keys_every_distinct_run(ready, store):
