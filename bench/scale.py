@@ -18,6 +18,13 @@ are checked equal to the local ones.
 
     .venv/bin/python bench/scale.py                                   # 20 classes x 3,000, 28 px
     .venv/bin/python bench/scale.py --classes 1000 --per-class 1281 --thumb 16 --skip-embed --workers 2
+
+`--copies`: the near-copy search by pixels (`clusterings.ensure_copy_pairs`) instead, from nothing, per
+configuration: seconds per class (all of it, and from the first class finished on), the classes' own search
+time, the driver's and the workers' peak RSS, pairs checked identical. `--stop-after K` cancels it after K
+classes (what is kept, as in a cancelled job); `--resume` keeps what is stored (a resumed search).
+
+    .venv/bin/python bench/scale.py --copies --classes 20 --per-class 1281 --thumb 16 --workers 2 --local-threads 2
 """
 from __future__ import annotations
 
@@ -36,6 +43,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_cluster(workers: int) -> float:
+    """A local Ray cluster of `workers` CPUs in this process, its address in `REDEX_RAY_ADDRESS`; seconds it took."""
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    os.environ["REDEX_RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return time.perf_counter() - t
 
 
 def _load() -> str:
@@ -115,13 +132,8 @@ def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: boo
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         out["threads"] = torch.get_num_threads()
     if workers:
-        import ray
-
-        t = time.perf_counter()
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        os.environ["REDEX_RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        out["cluster_start_s"] = _start_cluster(workers)
         os.environ["REDEX_RAY_WORKERS"] = str(workers)
-        out["cluster_start_s"] = time.perf_counter() - t
     key = f"bench-{config_name}"
     if not skip_embed:
         from core.data.catalog import get_dataset
@@ -177,6 +189,116 @@ def run_one(config_name: str, name: str, bid: str, workers: int, skip_embed: boo
     return out
 
 
+class _Stop(Exception):
+    """The bench's `--stop-after`: the search is cancelled after that many classes (as a job's cancel)."""
+
+
+class _BenchCtx:
+    """What `ensure_copy_pairs` reports to a job, noted here: when each class finished; with `stop_after`, a
+    cancel after that many classes (the classes finished are kept, as in a cancelled job)."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.params, self.stop_after, self.times, self.ran = {}, stop_after, [], None
+        self.messages: list[str] = []
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        self.messages.append(name)
+
+    def resume_from(self, done: int) -> None:
+        pass
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.messages.append(message)
+
+    def ran_on(self, where: dict | None) -> None:
+        self.ran = where
+
+    def check_cancelled(self) -> None:
+        if self.stop_after is not None and len(self.times) >= self.stop_after:
+            raise _Stop()
+
+    def progress(self, done: int, total: int | None = None, message: str | None = None, force: bool = False) -> None:
+        self.times.append(time.perf_counter())
+        self.check_cancelled()
+
+
+def run_copies(config_name: str, name: str, workers: int, stop_after: int | None, resume: bool) -> dict:
+    """The near-copy search (`clusterings.ensure_copy_pairs`) of every train class from nothing (or, with
+    `resume`, from what is stored), here or on a local Ray cluster of `workers` CPUs: wall time, seconds per
+    class (all of it, and from the first class finished on), the classes' own search seconds, driver peak RSS."""
+    from core.redundancy import clusterings
+    from core.store.db import get_store
+
+    store = get_store()
+    out = {"config": config_name, "workers": workers, "threads": None, "load_before": _load()}
+    if not workers:
+        import torch  # the local path imports it to search; the Ray driver never does
+
+        if os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        out["threads"] = torch.get_num_threads()
+    if workers:
+        out["cluster_start_s"] = _start_cluster(workers)
+    if not resume:
+        with store.write() as con:
+            for table in ("copy_state", "copy_pairs", "copy_classes"):
+                con.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
+    before, before_s = store.query("SELECT count(*), coalesce(sum(seconds), 0) FROM copy_classes WHERE dataset = ?",
+                                   [name])[0]
+    ctx = _BenchCtx(stop_after)
+    t = time.perf_counter()
+    try:
+        clusterings.ensure_copy_pairs(name, True, store=store, ctx=ctx)
+        out["finished"] = True
+    except _Stop:
+        out["finished"] = False
+    seconds = time.perf_counter() - t
+    n = len(ctx.times)
+    stored, task_s = store.query("SELECT count(*), sum(seconds) FROM copy_classes WHERE dataset = ?", [name])[0]
+    pairs = store.query("SELECT row_a, row_b, distance FROM copy_pairs WHERE dataset = ? ORDER BY row_a, row_b",
+                        [name])
+    out["copies"] = {"seconds": seconds, "classes": n, "stored_before": before, "stored_after": stored,
+                     "per_class_s": seconds / max(n, 1),
+                     "steady_per_class_s": (ctx.times[-1] - ctx.times[0]) / (n - 1) if n > 1 else None,
+                     "first_class_s": ctx.times[0] - t if n else None,
+                     "class_search_s": (task_s or 0.0) - before_s, "pairs": len(pairs),
+                     "pairs_digest": hashlib.blake2b(np.array([p[:2] for p in pairs], np.int64).tobytes(),
+                                                     digest_size=8).hexdigest(),
+                     "distances": [float(p[2]) for p in pairs],
+                     "driver_peak_mb": _vm(os.getpid(), "VmHWM"), "resumed": [m for m in ctx.messages
+                                                                              if m.startswith("resuming")]}
+    if workers:
+        out["worker_peaks_mb"] = _worker_peaks()
+        import ray
+
+        ray.shutdown()
+    out["load_after"] = _load()
+    return out
+
+
+def report_copies(r: dict, base: dict) -> None:
+    c, b = r["copies"], base["copies"]
+    parts = [f"{r['config']:>8}:"]
+    if r["threads"]:
+        parts.append(f"{r['threads']} torch thread(s);")
+    if r.get("cluster_start_s") is not None:
+        parts.append(f"cluster start {r['cluster_start_s']:.1f} s;")
+    if c["stored_before"]:
+        parts.append(f"{c['stored_before']} classes stored before ({'; '.join(c['resumed'])});")
+    parts.append(f"near-copy search of {c['classes']} classes in {c['seconds']:.1f} s = {c['per_class_s']:.2f} s a"
+                 f" class ({b['per_class_s'] / c['per_class_s']:.2f}x local speed)")
+    if c["steady_per_class_s"]:
+        parts.append(f"({c['steady_per_class_s']:.2f} s a class after the first, which came after"
+                     f" {c['first_class_s']:.1f} s);")
+    parts.append(f"classes' own search {c['class_search_s']:.1f} s in all; {c['pairs']:,} pairs"
+                 f" ({c['pairs_digest']}){'' if r['finished'] else ', stopped: not committed'};"
+                 f" driver peak {c['driver_peak_mb']:,.0f} MB;")
+    if r.get("worker_peaks_mb"):
+        parts.append(f"worker peaks {', '.join(f'{m:,.0f}' for m in r['worker_peaks_mb'])} MB;")
+    parts.append(f"load {r['load_before']} -> {r['load_after']}")
+    print(" ".join(parts), flush=True)
+
+
 def insert_rate(folder: str, chunks: int = 60, chunk: int = 4096, dim: int = 64) -> dict:
     """The driver's store writes alone: `chunks` commits of `chunk` vectors of `dim` floats into a fresh
     store in `folder` (`VectorTable.insert`, one write transaction each, as the jobs commit them)."""
@@ -211,6 +333,9 @@ def main() -> int:
     p.add_argument("--insert-rate", action="store_true", help="only the store's vector-insert rate")
     p.add_argument("--name", help="the synthetic dataset's name (default from its size, e.g. synthetic-40k-28px)")
     p.add_argument("--skip-local", action="store_true", help="Ray configurations only (no ratios)")
+    p.add_argument("--copies", action="store_true", help="the near-copy search instead of embedding and trees")
+    p.add_argument("--stop-after", type=int, help="with --copies: cancel the search after this many classes")
+    p.add_argument("--resume", action="store_true", help="with --copies: keep what is stored (default: from nothing)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON on stdout)
     args = p.parse_args()
     os.environ["REDEX_CACHE"] = args.cache
@@ -227,7 +352,11 @@ def main() -> int:
         return 0
     if args.one:
         workers = 0 if args.one == "local" else int(args.one.split("-")[1])
-        print("RESULT " + json.dumps(run_one(args.one, name, bid, workers, args.skip_embed)), flush=True)
+        if args.copies:
+            result = run_copies(args.one, name, workers, args.stop_after, args.resume)
+        else:
+            result = run_one(args.one, name, bid, workers, args.skip_embed)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     from core.store.db import get_store
@@ -244,6 +373,9 @@ def main() -> int:
                str(args.per_class), "--thumb", str(args.thumb), "--name", name, "--one", config_name]
         if args.skip_embed:
             cmd.append("--skip-embed")
+        if args.copies:
+            cmd += ["--copies", *(["--resume"] if args.resume else []),
+                    *(["--stop-after", str(args.stop_after)] if args.stop_after else [])]
         env = dict(os.environ)
         if config_name == "local":
             threads = str(args.local_threads)
@@ -254,9 +386,12 @@ def main() -> int:
             print(f"{config_name}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             return 1
         results.append(json.loads(line[7:]))
-        report(results[-1], results[0])
-    check_equal(name, configs, results, args.skip_embed)
-    out = Path(args.cache) / f"{name}.scale.json"
+        (report_copies if args.copies else report)(results[-1], results[0])
+    if args.copies:
+        check_copies(results)
+    else:
+        check_equal(name, configs, results, args.skip_embed)
+    out = Path(args.cache) / f"{name}{'.copies' if args.copies else ''}.scale.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"results: {out}")
     return 0
@@ -290,6 +425,17 @@ def report(r: dict, base: dict) -> None:
         parts.append(f"worker peaks {', '.join(f'{m:,.0f}' for m in r['worker_peaks_mb'])} MB;")
     parts.append(f"load {r['load_before']} -> {r['load_after']}")
     print(" ".join(parts), flush=True)
+
+
+def check_copies(results: list[dict]) -> None:
+    finished = [r for r in results if r["finished"]]
+    if len(finished) < 2:
+        return
+    same = len({r["copies"]["pairs_digest"] for r in finished}) == 1
+    diff = max((float(np.abs(np.subtract(r["copies"]["distances"], finished[0]["copies"]["distances"])).max(initial=0))
+                for r in finished[1:] if same), default=0.0)
+    print(f"near-copy pairs identical in every configuration: {same}"
+          + (f" (distances: max |diff| {diff:.1e})" if same else ""))
 
 
 def check_equal(name: str, configs: list[str], results: list[dict], skip_embed: bool) -> None:

@@ -106,7 +106,7 @@ def test_merge_trees_on_ray_are_the_local_ones(ray_address, folder, store, monke
     monkeypatch.setenv("REDEX_RAY_ADDRESS", ray_address)
     with monkeypatch.context() as here:  # no tree may be built in this process: one Ray task per class
         here.setattr(trees, "build_class_tree", lambda *a, **k: pytest.fail("a tree was built on the driver"))
-        out = clusterings.cluster(name, "local", store=store)
+        out = clusterings.cluster(name, "local", store=store, near_copies=False)  # the search on Ray: below
     assert (out["built"], out["reused"]) == (3, 0)
     c = clusterings.load_clustering(name, "local", store=store)
     for tree, emb, _ in c.classes.values():
@@ -117,6 +117,82 @@ def test_merge_trees_on_ray_are_the_local_ones(ray_address, folder, store, monke
     fanned = trees.build_class_tree(emb, "complete", map_parts=ray_cluster.map_ordered, **small)
     assert fanned.meta["n_parts"] >= 3
     np.testing.assert_array_equal(fanned.linkage, trees.build_class_tree(emb, "complete", **small).linkage)
+
+
+class CancelAfterFirstClass(jobs.JobContext):
+    """A job context whose user presses Cancel as soon as the first class reports progress (what the job's
+    SIGTERM handler, `JobContext._on_cancel`, does), so the cancel lands at a known point."""
+
+    def progress(self, *args, **kwargs):
+        self._cancelled = True
+        return super().progress(*args, **kwargs)
+
+
+def _copy_results(name, store) -> dict:
+    """label -> (fingerprint, computed_at, pairs) of each class's stored near-copy search."""
+    return {r[0]: r[1:] for r in store.query("SELECT label, fingerprint, computed_at, pairs FROM copy_classes"
+                                             " WHERE dataset = ?", [name])}
+
+
+def test_near_copy_search_on_ray_is_the_local_one_and_resumes_after_a_cancel(ray_address, image_folder, store):
+    """One Ray task per class, the same pairs as the search here; a search cancelled after its first class
+    keeps that class and, run again, searches only the others; a changed class is searched again alone."""
+    from PIL import Image
+
+    for cls in (0, 1, 2):  # a moved copy of two images of each class: pairs to find
+        for src in sorted((image_folder / "train" / f"class{cls}").iterdir())[:2]:
+            moved = np.roll(np.array(Image.open(src)), (1, -1), axis=(0, 1))
+            Image.fromarray(moved).save(src.with_name(f"copy-{src.name}"))
+    name = sources.register(str(image_folder), "raycopies")
+    scan.scan(name, store)
+    here = clusterings.ensure_copy_pairs(name, store=store)  # the local path, uninterrupted
+    here_dist = store.query("SELECT distance FROM copy_pairs WHERE dataset = ? ORDER BY row_a, row_b", [name])
+    assert len(here) >= 3 and not clusterings.copy_pairs_pending(name, store=store)
+    with store.write() as con:  # forget it: the search on Ray starts from nothing
+        for table in ("copy_state", "copy_pairs", "copy_classes"):
+            con.execute(f"DELETE FROM {table} WHERE dataset = ?", [name])
+
+    job_id = store.execute("INSERT INTO jobs (kind, dataset, status) VALUES ('cluster', ?, 'running') RETURNING id",
+                           [name])[0][0]
+    params = {"ray": ray_address}
+    with pytest.raises(jobs.JobCancelled):
+        clusterings.ensure_copy_pairs(name, store=store, ctx=CancelAfterFirstClass(job_id, "cluster", name, params,
+                                                                                   store))
+    first = _copy_results(name, store)
+    assert len(first) == 1 and clusterings.copy_pairs_pending(name, store=store)  # kept; the pairs not yet
+    assert clusterings.copy_state(name, store)["pairs"] is None and not len(clusterings.stored_copy_pairs(name, store))
+    ran_on = jobs.get_job(job_id, store)["ran_on"]
+    assert ran_on["address"] == ray_address and ran_on["workers"] == 2
+
+    on_ray = clusterings.ensure_copy_pairs(name, store=store, ctx=jobs.JobContext(job_id, "cluster", name, params,
+                                                                                  store))
+    resumed = _copy_results(name, store)
+    label = next(iter(first))
+    assert resumed[label] == first[label] and len(resumed) == 3  # the finished class was not searched again
+    np.testing.assert_array_equal(on_ray, here)
+    dist = store.query("SELECT distance FROM copy_pairs WHERE dataset = ? ORDER BY row_a, row_b", [name])
+    np.testing.assert_allclose(np.array(dist), np.array(here_dist), rtol=0, atol=1e-6)
+    events = [m for (m,) in store.query("SELECT message FROM job_events WHERE job_id = ?", [job_id])]
+    assert "resuming: 1 of 3 classes already searched" in events
+    assert jobs.get_job(job_id, store)["ran_on"]["workers"] == 2  # the two classes left, at once
+
+    # One image's pixels change: its class alone is searched again; nothing to search joins no cluster.
+    changed = store.query("SELECT label, min(row) FROM images WHERE dataset = ? AND split = 'train' AND label <> ?"
+                          " GROUP BY label ORDER BY label LIMIT 1", [name, label])[0]
+    store.execute("UPDATE images SET pixel_hash = 'changed' WHERE dataset = ? AND row = ?", [name, changed[1]])
+    store.execute("UPDATE jobs SET ran_on = NULL WHERE id = ?", [job_id])
+    again = clusterings.ensure_copy_pairs(name, store=store, ctx=jobs.JobContext(job_id, "cluster", name, params,
+                                                                                 store))
+    after = _copy_results(name, store)
+    assert [c for c in after if after[c][1] != resumed[c][1]] == [changed[0]]
+    np.testing.assert_array_equal(again, here)  # the pixels themselves did not change
+    assert jobs.get_job(job_id, store)["ran_on"]["workers"] == 1
+    store.execute("UPDATE jobs SET ran_on = NULL WHERE id = ?", [job_id])
+    store.execute("UPDATE copy_state SET fingerprint = 'older' WHERE dataset = ?", [name])  # every class current
+    assert clusterings.copy_pairs_pending(name, store=store)
+    clusterings.ensure_copy_pairs(name, store=store, ctx=jobs.JobContext(job_id, "cluster", name, params, store))
+    assert jobs.get_job(job_id, store)["ran_on"] is None and _copy_results(name, store) == after
+    assert not clusterings.copy_pairs_pending(name, store=store)
 
 
 def test_the_apps_setting_is_checked_saved_and_a_launched_job_goes_there(ray_address, folder, store, monkeypatch):

@@ -102,6 +102,22 @@ def test_load_narrows_by_label_and_content_id(store, images):
     assert list(table.columns) == ["row", "path", "image_id", "label", "split"]
 
 
+@pytest.mark.parametrize("batch", [1, 2, 65_536])
+def test_load_streams_the_vectors_in_batches_each_by_its_own_row(store, images, monkeypatch, batch):
+    # the vectors are read in batches into one array (1.28M vectors: a 2.0 GB peak when read in one piece):
+    # whatever the batch, each image gets its own content id's vector, duplicates included, in row order
+    from core.store import vectors
+
+    monkeypatch.setattr(vectors, "LOAD_BATCH", batch)
+    EMBEDDINGS.insert("m1", ["a", "b", "c"], vector_of(np.array([0, 1, 3])), store)  # d has none: left out
+    table, vecs = EMBEDDINGS.load(images, "m1", store)
+    assert table.row.tolist() == [0, 1, 2, 3, 5] and vecs.dtype == np.float32 and vecs.flags.c_contiguous
+    assert vecs.tolist() == vector_of(np.array([0, 1, 0, 3, 1])).tolist()
+    table, vecs = EMBEDDINGS.load(images, "m1", store, label="y")
+    assert table.row.tolist() == [3, 5] and vecs.tolist() == vector_of(np.array([3, 1])).tolist()
+    assert EMBEDDINGS.load(images, "m1", store, label="nothing")[1].shape == (0, 0)
+
+
 def test_coverage_counts_content_ids_per_key_and_delete_drops_a_key(store, images):
     EMBEDDINGS.insert("m1", ["a", "b", "zz"], np.zeros((3, 2)), store)  # zz: an image of another dataset
     EMBEDDINGS.insert("m2", ["c"], np.zeros((1, 2)), store)

@@ -8,13 +8,15 @@ they touch, and a cluster job killed half-way resumes at the first class without
 
 Near copies (ours, beside the paper's method): with `near_copies` on (the default, stored per
 dataset in `copy_state`), the cluster job first finds near-copy pairs inside each class of the train
-split from the pixel cache (`core.redundancy.copies`), once per (dataset, pixels, settings), and each
-class's tree joins its pairs before its own merges. The class's pairs are part of its tree's
+split from the pixel cache (`core.redundancy.copies`), once per (class's images, pixels, settings), stored
+class by class as each class finishes (a killed search resumes; with a Ray address each class is a Ray
+task), and each class's tree joins its pairs before its own merges. The class's pairs are part of its tree's
 fingerprint, so new pairs rebuild exactly the classes whose pairs changed; off, the trees are the
 paper's and their fingerprints what they were before pairs existed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -87,6 +89,8 @@ def near_copies_enabled(name: str, store: Store | None = None) -> bool:
 
 
 def _copies_fingerprint(name: str, store: Store, settings: copies.CopySettings) -> str:
+    """Of the whole search: the train images (rows, pixel hashes, labels), the pixel cache and the settings.
+    Matches `copy_state.fingerprint` when the stored pairs are current (one cheap check)."""
     from core.data import catalog
 
     ds = catalog.get_dataset(name, store)
@@ -99,12 +103,38 @@ def _copies_fingerprint(name: str, store: Store, settings: copies.CopySettings) 
     return h.hexdigest()
 
 
+def _copy_classes(name: str, store: Store, settings: copies.CopySettings) -> dict[str, tuple[np.ndarray, str]]:
+    """label -> (the class's pixel-cache rows int64 ascending, the fingerprint of its search: those rows,
+    their pixel hashes, the pixel cache and the settings), labels sorted. A class's search depends on
+    nothing else, so a stored result with this fingerprint is the result."""
+    from core.data import catalog
+
+    ds = catalog.get_dataset(name, store)
+    frame = store.query_df("SELECT row, pixel_hash, label FROM images WHERE dataset = ? AND split = ? ORDER BY row",
+                           [name, SUBSET_SPLIT])
+    head = f"{ds['pixels']}|{ds['image_size']}|{ds['channels']}|{settings.key()}"
+    rows, hashes = frame.row.to_numpy(np.int64), frame.pixel_hash.to_numpy()
+    out = {}
+    for label, pos in _members_by_class(frame).items():
+        h = hashlib.blake2b(f"{head}|{label}\n".encode(), digest_size=12)
+        h.update(np.ascontiguousarray(rows[pos]).tobytes())
+        h.update("\n".join(hashes[pos]).encode())
+        out[label] = (rows[pos], h.hexdigest())
+    return out
+
+
 def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | None = None,
                       ctx: JobContext | None = None,
                       settings: copies.CopySettings = copies.DEFAULT_SETTINGS) -> np.ndarray:
     """Near-copy pairs of the train split as pixel-cache rows int64 [m, 2] (empty when off), found
     here only when the stored ones are missing or stale (other images, pixels or settings); `enabled`
-    None keeps the dataset's setting, else it becomes the setting."""
+    None keeps the dataset's setting, else it becomes the setting.
+
+    The search is per class, and each class's result is stored as it finishes (`copy_classes`, under a
+    fingerprint of that class's rows, pixels and the settings): a killed or cancelled search resumes at
+    the classes with no current result, and a changed class is searched again alone. The pairs the trees
+    join (`copy_pairs`, `copy_state`) change only when every class has a current result, in one
+    transaction. With a Ray address (`core.scale.ray_address`) each class is a Ray task."""
     from core.data import catalog
 
     store = store or get_store()
@@ -112,7 +142,7 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
     row = store.query("SELECT enabled, fingerprint FROM copy_state WHERE dataset = ?", [name])
     if not enabled:
         if not row or row[0][0]:
-            with store.write() as con:
+            with store.write() as con:  # the per-class results stay: turning it on again reuses them
                 con.execute("INSERT OR REPLACE INTO copy_state (dataset, enabled, fingerprint, settings, pairs)"
                             " VALUES (?, false, NULL, NULL, 0)", [name])
                 con.execute("DELETE FROM copy_pairs WHERE dataset = ?", [name])
@@ -120,7 +150,6 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
     fp = _copies_fingerprint(name, store, settings)
     if row and row[0][0] and row[0][1] == fp:
         return stored_copy_pairs(name, store)
-    table = catalog.images_table(name, store, split=SUBSET_SPLIT)
     try:
         pixels = catalog.load_pixels(name, store)
     except catalog.DatasetError as e:  # no pixel cache (yet): the trees of the embeddings alone
@@ -129,24 +158,90 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
         if ctx:
             ctx.log(f"near copies by pixels skipped: {e}")
         return np.zeros((0, 2), np.int64)
-    by_class = _members_by_class(table)
+    classes = _copy_classes(name, store, settings)
+    stored = dict(store.query("SELECT label, fingerprint FROM copy_classes WHERE dataset = ?", [name]))
+    todo = [label for label, (_, cfp) in classes.items() if stored.get(label) != cfp]
+    total = sum(len(r) for r, _ in classes.values())
+    done = total - sum(len(classes[label][0]) for label in todo)
     if ctx:
-        ctx.phase(f"near copies by pixels in {len(by_class)} classes ({len(table):,} images)", total=len(table))
-    start, found, done = time.perf_counter(), [], 0
-    rows = table.row.to_numpy()
-    for label, pos in by_class.items():
-        r = rows[pos]
-        pairs, dist = copies.class_pairs(pixels[r], settings)
-        found.append(pd.DataFrame({"row_a": r[pairs[:, 0]], "row_b": r[pairs[:, 1]], "distance": dist}))
-        done += len(pos)
-        if ctx:
-            ctx.check_cancelled()
-            ctx.progress(done, len(table), f"class {label}: {len(pairs):,} pairs")
-    frame = pd.concat(found, ignore_index=True) if found else pd.DataFrame(
-        {"row_a": [], "row_b": [], "distance": []})
-    frame = frame.astype({"row_a": "int32", "row_b": "int32", "distance": "float32"})
-    seconds = time.perf_counter() - start
+        ctx.phase(f"near copies by pixels in {len(classes)} classes ({total:,} images)", total=total)
+        if len(todo) < len(classes):
+            ctx.resume_from(done)
+            ctx.log(f"resuming: {len(classes) - len(todo)} of {len(classes)} classes already searched")
+    start, pending, saved_at = time.perf_counter(), [], time.monotonic()
+    try:  # closing: a cancel ends the search's generator (and its Ray tasks) at once
+        with contextlib.closing(_search_classes(todo, classes, pixels, settings, ctx)) as found:
+            for label, pairs, dist, seconds in found:
+                rows = classes[label][0]
+                pending.append((label, classes[label][1], rows[pairs], dist, seconds))
+                done += len(rows)
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    _save_copy_classes(store, name, pending)
+                    pending, saved_at = [], time.monotonic()
+                if ctx:
+                    ctx.progress(done, total, f"class {label}: {len(pairs):,} pairs")  # raises on a cancel
+    finally:  # what finished is kept, also when the job is cancelled or fails
+        _save_copy_classes(store, name, pending)
+    frame, seconds = _commit_copy_pairs(store, name, fp, settings, list(classes))
+    if ctx:
+        ctx.log(f"near copies by pixels: {len(frame):,} pairs; {len(todo)} classes searched in"
+                f" {time.perf_counter() - start:.0f} s ({seconds:.0f} s of search in all classes)")
+    return frame[["row_a", "row_b"]].to_numpy(np.int64)
+
+
+def _search_classes(todo: list[str], classes: dict[str, tuple[np.ndarray, str]], pixels: np.ndarray,
+                    settings: copies.CopySettings, ctx: JobContext | None):
+    """(label, pairs as positions int64 [m, 2] into the class's rows, distances float32 [m], seconds) of
+    each class of `todo`: here one after the other, or, when the job has a Ray address, as one Ray task
+    per class (`core.scale.copies`), yielded as they finish. Nothing to search joins no cluster."""
+    from core.scale import ray_address
+
+    if not todo:
+        return
+    address = ray_address(ctx.params if ctx else None)
+    if address is None:
+        for label in todo:
+            start = time.perf_counter()
+            pairs, dist = copies.class_pairs(pixels[classes[label][0]], settings)
+            yield label, pairs, dist, time.perf_counter() - start
+        return
+    from core.scale.copies import search_classes
+    from core.scale.trees import ClassRows
+
+    # ClassRows: each class's pixels are read out of the memory-mapped cache only when its task is submitted
+    for i, (pairs, dist, seconds) in search_classes(address, ClassRows(pixels, [classes[lb][0] for lb in todo]),
+                                                    settings, ctx):
+        yield todo[i], pairs, dist, seconds
+
+
+def _save_copy_classes(store: Store, name: str, pending: list[tuple[str, str, np.ndarray, np.ndarray, float]]) -> None:
+    """Store (label, fingerprint, pairs as rows [m, 2], distances [m], seconds) of several classes in one
+    write transaction."""
+    if not pending:
+        return
     with store.write() as con:
+        for label, cfp, rows, dist, seconds in pending:
+            con.execute("INSERT OR REPLACE INTO copy_classes (dataset, label, fingerprint, pairs, rows, distances,"
+                        " seconds, computed_at) VALUES (?, ?, ?, ?, ?, ?, ?, current_timestamp)",
+                        [name, label, cfp, len(rows), np.ascontiguousarray(rows, np.int32).tobytes(),
+                         np.ascontiguousarray(dist, np.float32).tobytes(), float(seconds)])
+
+
+def _commit_copy_pairs(store: Store, name: str, fp: str, settings: copies.CopySettings,
+                       labels: list[str]) -> tuple[pd.DataFrame, float]:
+    """Every class has a current result: make them the pairs the trees join (`copy_pairs`, `copy_state`), and
+    drop the results of classes that no longer exist, in one transaction. Returns the pairs (row_a, row_b,
+    distance, ordered) and the seconds the search took in all (the classes' sum)."""
+    with store.write() as con:
+        con.execute("DELETE FROM copy_classes WHERE dataset = ? AND NOT list_contains(?, label)", [name, labels])
+        found = con.execute("SELECT rows, distances, seconds FROM copy_classes WHERE dataset = ? ORDER BY label",
+                            [name]).fetchall()
+        rows = np.concatenate([np.frombuffer(r, np.int32).reshape(-1, 2) for r, _, _ in found] or
+                              [np.zeros((0, 2), np.int32)])
+        dist = np.concatenate([np.frombuffer(d, np.float32) for _, d, _ in found] or [np.zeros(0, np.float32)])
+        frame = pd.DataFrame({"row_a": rows[:, 0], "row_b": rows[:, 1], "distance": dist})
+        frame = frame.sort_values(["row_a", "row_b"], kind="stable", ignore_index=True)
+        seconds = float(sum(s or 0.0 for _, _, s in found))
         con.execute("DELETE FROM copy_pairs WHERE dataset = ?", [name])
         con.register("found_pairs", frame)
         con.execute("INSERT INTO copy_pairs SELECT ?, row_a, row_b, distance FROM found_pairs", [name])
@@ -154,9 +249,7 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
         con.execute("INSERT OR REPLACE INTO copy_state (dataset, enabled, fingerprint, settings, pairs, seconds,"
                     " computed_at) VALUES (?, true, ?, ?, ?, ?, current_timestamp)",
                     [name, fp, to_json(settings.to_dict()), len(frame), seconds])
-    if ctx:
-        ctx.log(f"near copies by pixels: {len(frame):,} pairs in {seconds:.0f} s")
-    return frame[["row_a", "row_b"]].to_numpy(np.int64)
+    return frame, seconds
 
 
 def copy_state(name: str, store: Store | None = None) -> dict:

@@ -6,6 +6,7 @@ the job is launched: `core.scale.setting`) or `REDEX_RAY_ADDRESS=auto|HOST:PORT`
 - embedding and LTRP scoring: Ray Data over the image list, CPU tasks that load the pixels (the pixel
   cache where the node sees it, else decode and resize the source file), an actor per GPU (CPU actors
   on a CPU-only cluster) that runs the model in batches (`core.scale.data`);
+- the near-copy search by pixels: one task per class (`core.scale.copies`);
 - merge trees: one task per class, and one per part of a big class's approximation (`cluster.map_*`);
 - subset training runs: each run one task with its resources (`core.subsets.sweeps`).
 

@@ -26,8 +26,9 @@ MIN_IN_FLIGHT = 64
 
 
 class ClassRows(Sequence):
-    """Class i's rows of `emb` (float32 [n_i, D]), copied out only when asked for: the lazy form of
-    `[emb[pos] for pos in positions]`. `positions`: one int array per class, into `emb`'s rows."""
+    """Class i's rows of `emb` (float32 [n_i, D]; or of the memory-mapped pixel cache, uint8 [n_i, S, S, C], for
+    the near-copy search), copied out only when asked for: the lazy form of `[emb[pos] for pos in positions]`.
+    `positions`: one int array per class, into `emb`'s rows."""
 
     def __init__(self, emb: np.ndarray, positions: Sequence[np.ndarray]):
         self.emb, self.positions = emb, positions

@@ -223,4 +223,21 @@ MIGRATIONS: list[str] = [
         distance     FLOAT NOT NULL             -- tolerant pixel distance (1 - best Pearson r)
     );
     """,
+    # 11: the near-copy search stored class by class as each class finishes, so a killed or cancelled search
+    # resumes at the classes with no current result, and a changed class is searched again alone
+    # (core.redundancy.clusterings.ensure_copy_pairs). copy_pairs stays what the trees join: it is replaced
+    # from these rows in one transaction when every class has a current result.
+    """
+    CREATE TABLE copy_classes (
+        dataset      VARCHAR NOT NULL,
+        label        VARCHAR NOT NULL,
+        fingerprint  VARCHAR NOT NULL,          -- of the class's rows and pixel hashes, the pixel cache, the settings
+        pairs        INTEGER NOT NULL,
+        rows         BLOB NOT NULL,             -- int32 [pairs, 2] pixel-cache rows, row_a < row_b
+        distances    BLOB NOT NULL,             -- float32 [pairs]
+        seconds      DOUBLE,                    -- the class's search, where it ran (a Ray worker or here)
+        computed_at  TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (dataset, label)
+    );
+    """,
 ]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from core.jobs import JobContext
 
 Compute = Callable[[np.ndarray], np.ndarray]  # pixel-cache rows [n] -> float vectors [n, D]
+LOAD_BATCH = 65_536  # vectors read at a time by `VectorTable.load`
 
 
 @dataclass(frozen=True)
@@ -151,24 +152,38 @@ class VectorTable:
         """(images DataFrame: row, path, image_id, label, split; float32 [N, D]) of the dataset's images
         that have a vector for `key`, by row; duplicate files each get their content id's vector.
 
-        `label` or `image_ids` narrow the images.
-        """
-        sql = (f"SELECT i.row, i.path, i.image_id, i.label, i.split, v.{self.column} AS vec FROM images i"
-               f" JOIN {self.table} v ON v.image_id = i.image_id AND v.{self.key} = ? WHERE i.dataset = ?")
+        `label` or `image_ids` narrow the images. Two queries under one read lock (no write in between):
+        the images, then the vectors in the same order, streamed batch by batch into one preallocated
+        array, so the whole Arrow result and its flattened copy are never held at once (1.28M 64-d
+        vectors: a peak of 2.0 GB before; docs/scale-out.md, "Memory of the driver")."""
+        where = (f" FROM images i JOIN {self.table} v ON v.image_id = i.image_id AND v.{self.key} = ?"
+                 " WHERE i.dataset = ?")
         params: list = [key, dataset]
         if label is not None:
-            sql += " AND i.label = ?"
+            where += " AND i.label = ?"
             params.append(label)
         if image_ids is not None:
-            sql += " AND list_contains(?, i.image_id)"
+            where += " AND list_contains(?, i.image_id)"
             params.append(list(image_ids))
+        where += " ORDER BY i.row"  # rows are unique in a dataset: both queries list the images in one order
         with store.read() as con:
-            arrow = con.sql(sql + " ORDER BY i.row", params=params).to_arrow_table()
-        table = arrow.drop(["vec"]).to_pandas()
-        if len(table) == 0:
-            return table, np.zeros((0, 0), np.float32)
-        flat = arrow.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return table, flat.astype(np.float32, copy=False).reshape(len(table), -1)
+            table = con.sql("SELECT i.row, i.path, i.image_id, i.label, i.split" + where,
+                            params=params).to_arrow_table().to_pandas()
+            if len(table) == 0:
+                return table, np.zeros((0, 0), np.float32)
+            out, at = None, 0
+            for batch in con.sql(f"SELECT v.{self.column}" + where, params=params).to_arrow_reader(LOAD_BATCH):
+                n = batch.num_rows
+                if not n:
+                    continue
+                flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                if out is None:
+                    out = np.empty((len(table), len(flat) // n), np.float32)
+                out[at:at + n] = flat.reshape(n, -1)
+                at += n
+        if at != len(table):
+            raise RuntimeError(f"{self.table}: {at} vectors for {len(table)} images of {dataset!r} under {key!r}")
+        return table, out
 
     def with_coverage(self, dataset: str, models_sql: str, params: list, store: Store, *, key_column: str,
                       count_column: str):
