@@ -26,6 +26,7 @@ planted near copies are made in pixel space (noise sigma 4/255, 85 % brightness,
 
     .venv/bin/python bench/cluster.py [--quick] [--compare]
     .venv/bin/python bench/cluster.py --near-copies [--nc-recipes '[{}, {"contrastive": 0}]']
+    .venv/bin/python bench/cluster.py --nc-cost 0 [--nc-against REV]   # the pair search on one train class
 """
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nc-k", type=int, help="candidates per image and descriptor of the pairs (default: copies.DEFAULT_SETTINGS)")
     parser.add_argument("--nc-threshold", type=float, help="tolerant-distance threshold of the pairs (default: "
                                                            "core.redundancy.copies.DEFAULT_SETTINGS)")
+    parser.add_argument("--nc-cost", type=int, metavar="LABEL",
+                        help="only the cost of the near-copy search (copies.class_pairs) on the Fashion-MNIST train "
+                             "class LABEL (6,000 images), timed twice, and with --nc-against once between")
+    parser.add_argument("--nc-against", metavar="REV",
+                        help="with --nc-cost: also time core/redundancy/copies.py as of this git revision, in the "
+                             "same run (its own default settings), and report the ratio")
     return parser.parse_args()
 
 
@@ -374,6 +381,16 @@ def copy_pairs(pixels: np.ndarray, labels: np.ndarray, settings=None) -> dict:
     return {int(c): copies.class_pairs(pixels[labels == c], settings)[0] for c in np.unique(labels)}
 
 
+def other_pairs(pairs: dict, labels: np.ndarray, n_orig: int, source: np.ndarray) -> int:
+    """How many of the pairs by pixels (`copy_pairs`) are not a planted copy and its original."""
+    planted = {(int(i), n_orig + j) for j, i in enumerate(source)}
+    found = 0
+    for c, p in pairs.items():
+        members = np.flatnonzero(labels == c)
+        found += sum((int(members[a]), int(members[b])) not in planted for a, b in p)
+    return found
+
+
 def copy_grouping(emb: np.ndarray, labels: np.ndarray, n_orig: int, source: np.ndarray, kinds: np.ndarray,
                   fraction: float = COPY_FRACTION, pairs: dict | None = None) -> dict:
     """Cut the per-class trees of `emb` ([n_orig originals; copies], labels by image) at `fraction`:
@@ -491,7 +508,7 @@ def redex_on_files(folder: Path, names: list[str], labels: np.ndarray, model, n_
     joined_s = time.perf_counter() - start
     return [dict(alone, seconds=decode_embed_s + trees_s, pairs=None),
             dict(joined, seconds=decode_embed_s + pairs_s + joined_s, pairs_s=pairs_s,
-                 pairs=int(sum(len(p) for p in pairs.values())))]
+                 pairs=int(sum(len(p) for p in pairs.values())), other=other_pairs(pairs, labels, n_orig, source))]
 
 
 def bench_near_copies(args, report: list[str]) -> None:
@@ -547,8 +564,8 @@ def bench_near_copies(args, report: list[str]) -> None:
             setting = json.dumps(overrides) if overrides else "default recipe"
             rows.append(dict(alone, tool=label, setting=setting))
             rows.append(dict(joined, tool=label + " + pairs", setting=f"{setting}, k {settings.k}, t {settings.threshold:g}"))
-            report.append(f"  {label} {setting}: {trained}; {joined['pairs']} pairs by pixels found in "
-                          f"{joined['pairs_s']:.1f} s (load {os.getloadavg()[0]:.1f})")
+            report.append(f"  {label} {setting}: {trained}; {joined['pairs']} pairs by pixels ({joined['other']} not a "
+                          f"planted copy and its original) found in {joined['pairs_s']:.1f} s (load {os.getloadavg()[0]:.1f})")
             print(report[-1], flush=True)
         if not args.nc_no_tools:
             target = first["flagged"]
@@ -570,6 +587,49 @@ def bench_near_copies(args, report: list[str]) -> None:
                   "images in a group of 2+ / with any duplicate; redex wall s = decode + embed + trees + cut, "
                   "backbone training apart; ratio = wall s / the first redex row's)")
     print("\n".join(report[-len(rows) - 2:]), flush=True)
+
+
+def bench_copy_cost(label: int, against: str | None, report: list[str]) -> None:
+    """Seconds of `copies.class_pairs` (default settings) on one Fashion-MNIST train class: the working
+    tree's module, then `against`'s (a git revision, loaded from `git show`), then the working tree's again,
+    with the load average around each; the ratio is against the mean of the two runs of the working tree's.
+    Wall and CPU seconds: with one torch thread (OMP_NUM_THREADS=1) the CPU time moves less with the load."""
+    import importlib.util
+
+    import torch
+
+    from core.redundancy import copies
+
+    x, y = idx.load_fashion_mnist(config.fashion_mnist_dir(), "train")
+    pixels = x[y == label]
+    runs = [("working tree", copies)]
+    if against:
+        source = subprocess.run(["git", "show", f"{against}:core/redundancy/copies.py"], check=True, capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location("copies_at_rev", f.name)
+        old = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = old  # dataclasses look their module up there
+        spec.loader.exec_module(old)
+        os.unlink(f.name)
+        runs += [(against, old), ("working tree", copies)]
+    report.append(f"near-copy search cost: train class {label} ({len(pixels):,} images), {torch.get_num_threads()} "
+                  f"torch thread(s)")
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for name, module in runs:
+        load = os.getloadavg()[0]
+        start, start_cpu = time.perf_counter(), time.process_time()
+        pairs, _ = module.class_pairs(pixels)
+        wall.setdefault(name, []).append(time.perf_counter() - start)
+        cpu.setdefault(name, []).append(time.process_time() - start_cpu)
+        report.append(f"  {name}: {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU, {len(pairs)} pairs, "
+                      f"load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+        print(report[-1], flush=True)
+    if against:
+        report.append(f"  ratio {against} / working tree: {wall[against][0] / np.mean(wall['working tree']):.1f} (wall), "
+                      f"{cpu[against][0] / np.mean(cpu['working tree']):.1f} (CPU)")
 
 
 # -- (f) imagededup -------------------------------------------------------------------------------
@@ -643,6 +703,12 @@ def bench_compare(images: np.ndarray, quick: bool, report: list[str]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.nc_cost is not None:
+        report = [f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"]
+        bench_copy_cost(args.nc_cost, args.nc_against, report)
+        report.append(f"load average at end {os.getloadavg()[0]:.1f}")
+        print("\n==== summary ====\n" + "\n".join(report))
+        return
     if args.near_copies:
         report = [f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"]
         bench_near_copies(args, report)

@@ -2,14 +2,19 @@
 small crops goes through scan, the default backbone, the near-copy pairs by pixels, the merge trees and
 a cut at fraction 0.9, as a user's would.
 
-Measured here (one thread): the contrastive backbone recipe alone groups 34 of 40 shifts with their
-original (the cross-entropy-only recipe before it, 1 of 40); with the pairs by pixels joined first
-(`core.redundancy.copies`, the default) at least 95 % of the shifts and crops are grouped; with them
-off (the paper's method) fewer are, so the test can fail (docs/benchmarks.md, "Near copies")."""
+Measured here (one thread, 2026-11-30): the contrastive backbone recipe alone groups 31 of 40 shifts
+and 8 of 20 crops with their original (the cross-entropy-only recipe before it, 1 of 40 shifts); with
+the pairs by pixels joined first (`core.redundancy.copies`, the default) all 40 shifts and 19 of 20
+crops were grouped before the first check chose its zoom by the refined peak, and that crop's pair now
+verifies at 0.0001; with them off (the paper's method) fewer are, so the test can fail
+(docs/benchmarks.md, "Near copies"). The unit tests below check the search's parts on a few images."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from core.data import scan, sources
 from core.embed import embeddings
@@ -22,7 +27,8 @@ CLASSES = (0, 1, 7, 8)     # t-shirt, trouser, sneaker, bag
 PER_CLASS = 150            # train originals per class
 COPIES = 10                # planted one-pixel shifts per class
 EPOCHS = 40                # 80 steps on these 640 images (the default 10 epochs would be 20)
-GROUPED_AT_LEAST = 0.75    # share of the shifts in their original's group, backbone alone (measured 0.85)
+GROUPED_AT_LEAST = 0.6     # share of the shifts in their original's group, backbone alone (measured 0.775-0.85;
+                           # the cross-entropy-only recipe: 0.025)
 WITH_PAIRS_AT_LEAST = 0.95  # shifts and crops in their original's group with the pairs by pixels (the issue's bar)
 DIRECTIONS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
@@ -143,12 +149,72 @@ def test_joined_pairs_merge_first_on_the_exact_and_the_approximate_path(fmnist_t
 
 
 def test_tolerant_distance_finds_moves_and_crops_and_not_other_images(fmnist_test):
+    """Moves of up to 3 px pass the first check; crops of 25 px resized back (1.12x, the corner ones moved
+    1.7 px) pass only after the continuous alignment; neighbouring bags of the same class do not."""
     images, labels = fmnist_test
     bag = images[labels == 8][:40]
-    copies_ = np.stack([shift(bag[0], 2, 1), crop(bag[1], 25, 3, 0), bag[2]])
+    copies_ = np.stack([shift(bag[0], 2, 1), shift(bag[1], -3, 0), bag[2], crop(bag[3], 25, 3, 0),
+                        crop(bag[4], 25, 0, 3), crop(bag[5], 25, 3, 3), crop(bag[6], 26, 1, 2)])
     x = copies.gray(np.concatenate([bag, copies_]))
-    d = copies.tolerant_distance(x, np.array([[0, 40], [1, 41], [2, 42]] + [[i, i + 1] for i in range(3, 30)]))
-    assert np.all(d[:3] <= copies.DEFAULT_SETTINGS.threshold) and np.all(d[3:] > copies.DEFAULT_SETTINGS.threshold)
+    pairs = np.array([[i, 40 + i] for i in range(7)] + [[i, i + 1] for i in range(7, 35)])
+    settings = copies.DEFAULT_SETTINGS
+    d = copies.tolerant_distance(x, pairs, settings)
+    assert np.all(d[:7] <= settings.threshold) and np.all(d[7:] > settings.threshold)
+    assert np.all(d[3:6] <= settings.aligned)  # the crops fit almost exactly once aligned (measured <= 0.0005)
+    fixed = copies.tolerant_distance(x, pairs, dataclasses.replace(settings, steps=0))
+    assert np.all(fixed[:3] <= settings.threshold) and np.all(fixed[3:6] > settings.threshold)
+
+
+def test_the_first_check_is_pearson_r_over_the_overlap_at_each_move(fmnist_test):
+    """The cross spectrum times the DFT basis (`_surface`) gives, at each move t of each zoom, the Pearson
+    r of b(u) and the zoomed a(u + t) over the pixels u where both are in the frame."""
+    images, labels = fmnist_test
+    x = copies.gray(images[labels == 4][:6])
+    settings = copies.DEFAULT_SETTINGS
+    prep = copies._prepare(x, settings)
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    s = x.shape[-1]
+    for z, scale in enumerate((1.0, *settings.scales)):
+        got = copies._surface(prep, z, a, b).numpy()
+        xa = copies.zoom(x, scale).numpy()
+        for p, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
+            for t, (dy, dx) in enumerate(prep.shifts.tolist()):
+                ys, xs = slice(max(0, -dy), s - max(0, dy)), slice(max(0, -dx), s - max(0, dx))
+                moved = xa[i][max(0, dy):s + min(0, dy), max(0, dx):s + min(0, dx)]
+                want = np.corrcoef(moved.ravel(), x[j].numpy()[ys, xs].ravel())[0, 1]
+                assert abs(got[p, t] - want) < 1e-4, (scale, dy, dx)
+
+
+def test_the_alignment_recovers_a_zoom_and_a_fractional_move(fmnist_test):
+    images, labels = fmnist_test
+    original = copies.gray(images[labels == 0][:1])
+    moved = copies.zoom(original, 1.1, dy=0.4, dx=-0.7)
+    x = torch.cat([original, moved])
+    start = dict(scale=torch.tensor([1 / 1.06]), ty=torch.tensor([0.0]), tx=torch.tensor([0.0]))
+    args = (copies.gradients(x), x, torch.tensor([0]), torch.tensor([1]))
+    before = copies.align(*args, **start, steps=0)
+    after = copies.align(*args, **start, steps=5)
+    assert before[0] > 0.01 and after[0] < 1e-3
+    assert copies.align(*args, **start, steps=5, gates=(before[0].item() / 2,))[0] == before[0]  # gated out
+
+
+def test_candidates_hold_moved_and_cropped_copies_among_few_neighbours(fmnist_test):
+    images, labels = fmnist_test
+    coats = images[labels == 4][:300]
+    made = [shift(coats[i], *DIRECTIONS[i % 8]) if i < 10 else crop(coats[i], 25 + i % 2, i % 4, (i + 1) % 4)
+            for i in range(20)]
+    x = copies.gray(np.concatenate([coats, np.stack(made)]))
+    cand = copies.candidates(x, copies.DEFAULT_SETTINGS)
+    found = {tuple(p) for p in cand.tolist()}
+    assert all((i, 300 + i) in found for i in range(20))
+    assert len(cand) <= 3 * copies.DEFAULT_SETTINGS.k * len(x) and np.all(cand[:, 0] < cand[:, 1])
+
+
+def test_the_settings_key_follows_every_field():
+    base = copies.DEFAULT_SETTINGS
+    keys = {base.key(), dataclasses.replace(base, k=8).key(), dataclasses.replace(base, gates=(0.05,)).key(),
+            dataclasses.replace(base, aligned=0.003).key(), dataclasses.replace(base, scales=(1.1,)).key()}
+    assert len(keys) == 5 and copies.CopySettings().key() == base.key()
 
 
 def test_the_contrastive_backbone_gets_its_own_cache_key_and_old_recipes_keep_theirs():
