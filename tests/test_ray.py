@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 
 from core import jobs
 from core.data import catalog, scan, sources
@@ -98,6 +99,31 @@ def test_workers_without_the_pixel_cache_decode_the_same_pixels_from_the_files(f
     np.testing.assert_array_equal(cached, np.asarray(catalog.load_pixels(name, store)[rows]))
     np.testing.assert_array_equal(decoded, cached)
     np.testing.assert_array_equal(missing, cached)
+
+
+def test_a_pretrained_backbones_inputs_from_the_pixel_cache_on_a_worker_are_the_local_ones(store):
+    """Fashion-MNIST has no file per image: a pretrained backbone reads its pixel cache at native size, and a
+    cluster's CPU task (`FileSource` over the pixels) with the model's actor gives the local features."""
+    import timm
+
+    from core.embed import timm_models
+
+    name = sources.register("fashion-mnist", limit=3, store=store)
+    scan.scan(name, store)
+    torch.manual_seed(0)
+    model = timm_models.TimmBackbone(timm.create_model("test_resnet", pretrained=False, num_classes=0),
+                                     "test_resnet").eval()
+    reader, shape, dtype = timm_models.input_reader(model)
+    assert (shape, dtype) == ((160, 160, 3), "uint8")  # the transform's PIL steps on the worker, uint8
+    rows = np.array([0, 2, 5])
+    source = ray_data.FileSource("", reader, shape, dtype, pixels=ray_data.pixel_source(name, store))
+    batch = source.load({"row": rows, "image_id": np.array(["a", "b", "c"]),
+                         "path": ray_data.paths_by_row(name, store)[rows]})
+    assert list(batch["error"]) == ["", "", ""]
+    here, bad = timm_models.embed_images(model, timm_models.ImageReader(
+        model.transform, pixels=np.asarray(catalog.load_pixels(name, store)[rows])), num_workers=0)
+    assert not bad
+    np.testing.assert_allclose(timm_models.embed_inputs(model, batch["pixels"], 2), here, rtol=1e-5, atol=1e-6)
 
 
 def test_merge_trees_on_ray_are_the_local_ones(ray_address, folder, store, monkeypatch):
@@ -245,3 +271,98 @@ def test_a_training_run_on_ray_shows_where_it_runs_and_cancels_from_the_app(ray_
                what="the cluster to free the cancelled task's CPU")
     assert jobs.wait(sweep_job, store, timeout=60)["status"] == "done"
     assert sweeps.active_sweeps(name, store) == [] and sweep_id
+
+
+def test_a_pretrained_backbone_reads_the_source_files_on_ray_as_it_does_here(ray_address, store, tmp_path,
+                                                                              monkeypatch):
+    """A pretrained timm backbone (timm's tiny test_resnet: 160 px, bilinear, crop 0.95; weights from a local
+    checkpoint) on real photos, one stored turned with an EXIF tag and one damaged after the scan: on the
+    cluster, CPU tasks decode the files and the model's actor embeds them (nothing decoded on the driver), equal
+    to the local path; the damaged file is a problem row and the others are embedded; the job says where."""
+    import timm
+
+    from core.data.decode import BadImage
+    from core.embed import timm_models
+    from tests.photos import photo_set, require_photos
+
+    require_photos()
+    photos = photo_set(tmp_path / "photos", classes=2, per_class=3)  # 600-1000 px JPEG, PNG, WebP
+    name = sources.register(str(photos.root), "rayphotos", store=store)
+    scan.scan(name, store)
+    broken = photos.root / next(f["path"] for f in photos.files if f["format"] == "PNG")
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # damaged after the scan
+    checkpoint = tmp_path / "test_resnet.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), checkpoint)
+    model, bid = embeddings.ensure_backbone(name, "timm:test_resnet", checkpoint=str(checkpoint), store=store)
+
+    job_id = store.execute("INSERT INTO jobs (kind, dataset, status) VALUES ('embed', ?, 'running') RETURNING id",
+                           [name])[0][0]
+    ctx = jobs.JobContext(job_id, "embed", name, {"ray": ray_address}, store)
+    with monkeypatch.context() as here:  # nothing is decoded nor embedded on the driver
+        here.setattr(timm_models, "embed_images", lambda *a, **k: pytest.fail("embedded on the driver"))
+        here.setattr(timm_models.InputReader, "file", lambda *a: pytest.fail("decoded on the driver"))
+        out = embeddings.embed_dataset(name, model, bid, store=store, ctx=ctx)
+    assert (out["embedded"], out["unreadable"], out["total"]) == (5, 1, 6), out
+    ran_on = jobs.get_job(job_id, store)["ran_on"]
+    assert ran_on["address"] == ray_address and ran_on["workers"] == 1 and ran_on["cpus"] == 2
+    problems = catalog.problems_table(name, store)
+    row = problems[problems.severity == embeddings.NOT_EMBEDDED]
+    assert list(row.path) == [str(broken.relative_to(photos.root))] and "truncated or corrupt" in row.reason.iloc[0]
+    with pytest.raises(BadImage, match="truncated or corrupt"):  # the reason the local reader gives
+        timm_models.input_reader(model)[0].file(broken)
+    on_ray, ray_vecs = embeddings.load_embeddings(name, bid, store)
+
+    embeddings.EMBEDDINGS.delete(bid, store)  # the same images embedded here (no address): the same vectors
+    local = embeddings.embed_dataset(name, model, bid, store=store, num_workers=0)
+    assert (local["embedded"], local["unreadable"]) == (5, 1)
+    here_table, here_vecs = embeddings.load_embeddings(name, bid, store)
+    assert list(on_ray.path) == list(here_table.path) and len(here_vecs) == 5
+    np.testing.assert_allclose(ray_vecs, here_vecs, rtol=1e-5, atol=1e-5)
+
+
+def test_ltrp_scoring_with_a_224_px_mae_reads_the_source_files_on_ray_as_it_does_here(ray_address, store,
+                                                                                         tmp_path, monkeypatch):
+    """A 224-px MAE's ranker (the official checkpoint layout, tiny) scores real photos on the cluster: CPU tasks
+    read each file at 224 px as the local path does, the ranker's actor scores them (no file decoded on the
+    driver), equal to the local path; a file changed since the scan is read from the pixel cache and scored on
+    the driver, as here, and counted."""
+    import io
+
+    from PIL import Image
+
+    from core.ltrp import inputs, scoring
+    from core.ltrp import models as ltrp_models
+    from tests.photos import photo_set, require_photos
+    from tests.test_photos import TINY, official_mae
+
+    require_photos()
+    photos = photo_set(tmp_path / "photos", classes=2, per_class=3)
+    name = sources.register(str(photos.root), "rayltrp", store=store)
+    scan.scan(name, store)
+    checkpoint = tmp_path / "mae_visualize_tiny.pth"
+    torch.save(official_mae(), checkpoint)
+    rid = ltrp_models.train_ltrp(name, ltrp_models.LtrpSettings(**TINY), checkpoint=str(checkpoint),
+                                 store=store)["ranker_id"]
+    changed = photos.root / photos.files[2]["path"]
+    buf = io.BytesIO()
+    Image.new("RGB", (700, 500), "red").save(buf, format="JPEG")
+    changed.write_bytes(buf.getvalue())  # other bytes than its content id
+
+    job_id = store.execute("INSERT INTO jobs (kind, dataset, status) VALUES ('ltrp_score', ?, 'running')"
+                           " RETURNING id", [name])[0][0]
+    ctx = jobs.JobContext(job_id, "ltrp_score", name, {"ray": ray_address}, store)
+    with monkeypatch.context() as here:  # no file is decoded on the driver
+        here.setattr(inputs.ModelImages, "images", lambda *a, **k: pytest.fail("read on the driver"))
+        here.setattr(inputs.SquareReader, "file", lambda *a: pytest.fail("decoded on the driver"))
+        out = scoring.score_dataset(name, rid, store=store, ctx=ctx)
+    assert (out["scored"], out["total"], out["from_pixel_cache"]) == (6, 6, 1), out
+    assert jobs.get_job(job_id, store)["ran_on"]["address"] == ray_address
+    table, on_ray = scoring.load_scores(name, rid, store=store)
+    assert on_ray.shape == (6, 196)
+
+    ltrp_models.PATCH_SCORES.delete(rid, store)  # scored here (no address): the same maps
+    again = scoring.score_dataset(name, rid, store=store)
+    assert (again["scored"], again["from_pixel_cache"]) == (6, 1)
+    _, here_maps = scoring.load_scores(name, rid, store=store)
+    np.testing.assert_allclose(on_ray, here_maps, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -245,44 +246,60 @@ def _embed_pretrained(name: str, model, bid: str, store: Store, ctx: JobContext 
     """Embed with a pretrained timm backbone, each image through its eval transform (size, crop_pct,
     interpolation, mean/std of the pretrained config): decoded from its source file at full resolution,
     upright (`core.data.decode.open_image`), in `num_workers` DataLoader processes; for Fashion-MNIST from
-    the pixel cache at native size (`reads_source_files`). An image that cannot be read is recorded in
-    `problems` (severity 'not embedded', detail = the backbone id) and left without an embedding; the
-    others are embedded."""
-    from core.embed.timm_models import ImageReader, decode_workers, embed_images
+    the pixel cache at native size (`reads_source_files`). With a Ray address, on the cluster instead:
+    CPU tasks read each image the same way up to the transform's tensor step (`timm_models.input_reader`),
+    the model's actors finish it and run the model (`timm_models.embed_inputs`); this process stores.
+    An image that cannot be read is recorded in `problems` (severity 'not embedded', detail = the backbone
+    id) and left without an embedding; the others are embedded."""
+    from core.embed.timm_models import ImageReader, decode_workers, embed_images, embed_inputs, input_reader
     from core.scale import ray_address
+    from core.scale.data import FileSource, pixel_source
 
     ds = get_dataset(name, store)
     table = images_table(name, store)
     path_of = dict(zip(table.row.to_numpy().tolist(), table.path))
+    first = table.drop_duplicates("image_id")  # by row: a content id's first row, as `VectorTable.missing`
+    path_of_id = dict(zip(first.image_id, first.path))
     root = Path(ds["root"])
-    pixels = None if reads_source_files(ds) else load_pixels(name, store)
+    files = reads_source_files(ds)
+    pixels = None if files else load_pixels(name, store)
     workers = decode_workers() if num_workers is None else num_workers
     failed: dict[str, str] = {}
 
-    def embed(rows: np.ndarray) -> np.ndarray:
+    def unreadable(vectors: np.ndarray, bad: dict[int, str], path: Callable[[int], str]) -> np.ndarray:
+        bad.update({int(i): "the backbone's features are not finite (NaN or infinite)"
+                    for i in np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if int(i) not in bad})
+        for i, reason in sorted(bad.items()):
+            failed[path(i)] = reason
+            if ctx and len(failed) <= LOGGED_PROBLEMS:
+                ctx.log(f"not embedded: {path(i)}: {reason}")
+        return vectors
+
+    def embed(rows: np.ndarray) -> np.ndarray:  # here
         if pixels is None:
             reader = ImageReader(model.transform, files=[root / path_of[int(r)] for r in rows],
                                  min_side=model.decode_side)
         else:
             reader = ImageReader(model.transform, pixels=np.asarray(pixels[rows]))
         vectors, bad = embed_images(model, reader, batch_size=batch_size, num_workers=workers)
-        bad.update({int(i): "the backbone's features are not finite (NaN or infinite)"
-                    for i in np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if int(i) not in bad})
-        for i, reason in sorted(bad.items()):
-            path = path_of[int(rows[i])]
-            failed[path] = reason
-            if ctx and len(failed) <= LOGGED_PROBLEMS:
-                ctx.log(f"not embedded: {path}: {reason}")
-        return vectors
+        return unreadable(vectors, bad, lambda i: path_of[int(rows[i])])
 
-    source = "source files at full resolution" if pixels is None else "the pixel cache at native size"
-    if ctx and ray_address(ctx.params):
-        ctx.log("a pretrained backbone reads at its pretrained config on this machine, not on the Ray cluster")
-    note = (f"reading {source}, through timm's eval transform at {model.input_size[-1]} px"
-            f" ({workers} decode worker processes)")
+    def returned(ids: np.ndarray, vectors: np.ndarray, reasons: np.ndarray) -> np.ndarray:  # from a cluster
+        bad = {int(i): str(reasons[i]) for i in np.flatnonzero(reasons != "")}
+        return unreadable(vectors, bad, lambda i: path_of_id[ids[i]])
+
+    reader, shape, dtype = input_reader(model)
+    source = FileSource(str(root), reader, shape, dtype, pixels=None if files else pixel_source(name, store))
+    compute = ModelCompute(name, model, embed_inputs, batch_size, pixels, source=source, here=embed,
+                           returned=returned)
+    read = "source files at full resolution" if files else "the pixel cache at native size"
+    where = (f"on the Ray cluster (CPU tasks read {'uint8 pixels' if dtype == 'uint8' else 'float inputs'}"
+             f" at {shape}, the model's actors normalise and embed)" if ray_address(ctx.params if ctx else None)
+             else f"({workers} decode worker processes)")
+    note = f"reading {read}, through timm's eval transform at {model.input_size[-1]} px {where}"
     started = time.perf_counter()
     filled = _ReadRows(EMBEDDINGS.table, EMBEDDINGS.key, EMBEDDINGS.column).compute_and_store(
-        name, bid, embed, store, chunk=EMBED_CHUNK, ctx=ctx, phase=f"embed with {bid}", verb="embedded",
+        name, bid, compute, store, chunk=EMBED_CHUNK, ctx=ctx, phase=f"embed with {bid}", verb="embedded",
         note=note)
     _record_not_embedded(store, name, bid, failed)
     embedded = filled.computed - len(failed)

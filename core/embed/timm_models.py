@@ -17,7 +17,11 @@ builds the model. A pretrained backbone reads images at its pretrained config
 (`timm.data.resolve_model_data_config`: size, crop_pct, interpolation, mean/std) through timm's eval
 transform: `ImageReader` decodes source files (`core.data.decode.open_image`; a JPEG at the smallest DCT
 scale that keeps the size the transform resizes to) in
-DataLoader worker processes, and `embed_images` runs the model over them.
+DataLoader worker processes, and `embed_images` runs the model over them. On a Ray cluster the same
+reading is split at the transform's tensor step (`input_reader`): a CPU task opens each file the same way
+and runs the transform's PIL steps (resize, crop) to uint8 pixels at the input size, and the model's
+actor does the rest (`embed_inputs`: ToTensor's /255 and the mean/std, then the model), which gives the
+same floats as the whole transform here.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import difflib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -500,6 +504,74 @@ def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[in
     good = [(i, x) for i, x, _ in items if x is not None]
     batch = torch.stack([x for _, x in good]) if good else None
     return [i for i, _ in good], batch, [(i, reason) for i, x, reason in items if x is None]
+
+
+@dataclass(frozen=True)
+class InputReader:
+    """What a Ray cluster's CPU task does to give a backbone its input, the same as `ImageReader` here: open
+    a source file upright (`open_image`, a JPEG at a reduced scale keeping `min_side`) or take a pixel-cache
+    row, convert it to RGB and run `steps` on it. `steps` is the transform's PIL part (resize, centre crop):
+    the result is uint8 [H, W, 3] at the input size, and `embed_inputs` does the tensor part on the model's
+    worker. When the transform cannot be split so (`input_reader`), `steps` is the whole transform and the
+    result is the float32 [3, H, W] the model takes. Raises `BadImage` with the reason `ImageReader` gives."""
+    steps: Callable = field(repr=False)
+    min_side: int | None
+    whole: bool = False
+
+    def file(self, path: Path, image_id: str | None = None) -> np.ndarray:
+        """The input of source file `path` (`image_id` is not checked: the local reader does not either)."""
+        return self._prepare(lambda: open_image(path, self.min_side))
+
+    def array(self, pixels: np.ndarray) -> np.ndarray:
+        """The input of a pixel-cache row uint8 [S, S, C] (a dataset with no file per image)."""
+        arr = np.asarray(pixels)
+        return self._prepare(lambda: Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
+
+    def _prepare(self, image: Callable[[], Image.Image]) -> np.ndarray:
+        try:
+            out = self.steps(image().convert("RGB"))
+        except BadImage:
+            raise
+        except (OSError, ValueError) as exc:  # decoded, but the transform could not use it
+            raise BadImage(f"cannot be read: {_first_line(exc)}") from None
+        return out.numpy() if self.whole else np.asarray(out, dtype=np.uint8)
+
+
+def input_reader(model: TimmBackbone) -> tuple[InputReader, tuple[int, ...], str]:
+    """(reader, shape, dtype) of what a cluster's CPU task makes of each image for `model`: uint8 [H, W, 3]
+    when the transform ends in exactly ToTensor and Normalize with the model's own mean and std (every timm
+    eval transform), so that `embed_inputs` redoes those two exactly; else float32 [3, H, W] through the
+    whole transform (4x the bytes through the object store, the same result)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(model.transform, "transforms", []))
+    h, w = model.input_size
+    if len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize):
+        norm = steps[-1]
+        same = (torch.equal(torch.as_tensor(norm.mean, dtype=torch.float32).flatten(), model.mean.cpu().flatten())
+                and torch.equal(torch.as_tensor(norm.std, dtype=torch.float32).flatten(), model.std.cpu().flatten()))
+        pil = all(not isinstance(t, (T.ToTensor, T.PILToTensor, T.Normalize)) for t in steps[:-2])
+        if same and pil:
+            return InputReader(T.Compose(steps[:-2]), model.decode_side), (h, w, 3), "uint8"
+    return InputReader(model.transform, model.decode_side, whole=True), (3, h, w), "float32"
+
+
+@torch.inference_mode()
+def embed_inputs(model: TimmBackbone, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """float32 `[n, embed_dim]` of inputs an `InputReader` made, on the model's device, `batch_size` at a
+    time (the model actor's step on a Ray cluster): uint8 `[n, H, W, 3]` go through the transform's tensor
+    step as ToTensor and Normalize compute it (/255, minus the mean, over the std); float32 `[n, 3, H, W]`
+    went through the whole transform already. Eval mode, autocast on CUDA, as `embed_images`."""
+    device = model.mean.device
+    model.eval()
+    out = []
+    for lo in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(inputs[lo:lo + batch_size])).to(device)
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).to(torch.float32).div(255).sub(model.mean).div(model.std)
+        with autocast(device):
+            out.append(model.features(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 def decode_workers() -> int:

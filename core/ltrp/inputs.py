@@ -9,6 +9,10 @@ decoded in `torch.utils.data.DataLoader` worker processes (`core.data.decode.dec
 A file that is gone, unreadable or changed since the scan (other bytes than its content id) is read
 from the pixel cache instead (resized to the model's size) and counted, so a score never belongs to
 other content than its id, and one bad file stops nothing.
+
+On a Ray cluster (`ModelImages.file_source`) the CPU tasks read the files the same way (`SquareReader`:
+`load_square`); a file they cannot use comes back with its reason, and the driver reads that image from
+its pixel cache (`ModelImages.from_cache`) and scores it itself.
 """
 from __future__ import annotations
 
@@ -28,6 +32,18 @@ from core.store.db import Store, get_store
 LOADER_BATCH = 16       # images per DataLoader batch
 PARALLEL_MIN = 32       # fewer images than this are decoded in this process
 IN_MEMORY_BYTES = 1 << 30  # a ranker's training images beyond this go to a memory-mapped scratch file
+
+
+@dataclass(frozen=True)
+class SquareReader:
+    """A model's input read from a source file at `size` px as here (`load_square`: upright, short side
+    resized, centre crop, bicubic; `BadImage` for a file gone or changed since the scan): what a Ray
+    cluster's CPU task calls (`core.scale.data.FileSource`)."""
+    size: int
+    channels: int
+
+    def file(self, path: Path, image_id: str) -> np.ndarray:
+        return load_square(path, self.size, self.channels, image_id)
 
 
 def reads_sources(ds: dict, size: int) -> bool:
@@ -60,6 +76,24 @@ class ModelImages:
             "SELECT row, path, image_id FROM images WHERE dataset = ? AND list_contains(?, row)",
             [self.name, [int(r) for r in rows]])}
         return [(self.root / found[int(r)][0], found[int(r)][1]) for r in rows]
+
+    def file_source(self):
+        """What a Ray cluster's CPU tasks read: each source file through `SquareReader` (`core.scale.data`)."""
+        from core.scale.data import FileSource
+
+        return FileSource(str(self.root), SquareReader(self.size, self.channels),
+                          (self.size, self.size, self.channels))
+
+    def from_cache(self, image_ids) -> np.ndarray:
+        """uint8 `[n, S, S, C]` of the images with these content ids read from the pixel cache (their first
+        row) and resized to the model's size: the images whose file a cluster's worker could not use.
+        Counted in `fallbacks`."""
+        ids = [str(i) for i in image_ids]
+        row_of = dict(self.store.query("SELECT image_id, min(row) FROM images WHERE dataset = ?"
+                                       " AND list_contains(?, image_id) GROUP BY image_id", [self.name, ids]))
+        self.fallbacks += len(ids)
+        return np.stack([resize_square(np.asarray(self.pixels[int(row_of[i])]), self.size) for i in ids]) if ids \
+            else np.zeros((0, self.size, self.size, self.channels), np.uint8)
 
     def images(self, rows, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 `[n, S, S, C]` of the images at pixel-cache `rows`, written into `out` if given."""

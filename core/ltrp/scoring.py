@@ -40,11 +40,21 @@ def score_dataset(name: str, rid: str | None = None, *, store: Store | None = No
     size = ranker.cfg.img_size
     if reads_sources(get_dataset(name, store), size):
         # A model at another size than the working size (a pretrained MAE's 224 px) reads the source files
-        # at its own size, decoded by DataLoader workers (core.ltrp.inputs); here, not on a Ray cluster.
+        # at its own size (core.ltrp.inputs): here decoded by DataLoader workers; on a Ray cluster by its CPU
+        # tasks, a file they cannot use read here from the pixel cache and scored here, as here.
         inputs = ModelImages(name, size, store, check=ctx.check_cancelled if ctx else None)
 
-        def score(rows: np.ndarray) -> np.ndarray:
+        def here(rows: np.ndarray) -> np.ndarray:
             return ltrp_ranker.score_maps(ranker, inputs.images(rows), batch_size=batch_size)
+
+        def returned(ids: np.ndarray, maps: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+            bad = np.flatnonzero(reasons != "")
+            if len(bad):
+                maps = np.array(maps, dtype=np.float32)
+                maps[bad] = ltrp_ranker.score_maps(ranker, inputs.from_cache(ids[bad]), batch_size=batch_size)
+            return maps
+        score = ModelCompute(name, ranker, ltrp_ranker.score_maps, batch_size, inputs.pixels,
+                             source=inputs.file_source(), here=here, returned=returned)
         note = f"ranker {rid}; images read from their files at {size} px"
     else:
         inputs = None

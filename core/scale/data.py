@@ -2,12 +2,17 @@
 
 The pipeline over the images still missing a vector (one per content id, as `VectorTable.missing`):
 
-    image list (row, content id, path)      blocks of `BLOCK_ROWS`, from the driver
-      -> map_batches(load_pixels)           CPU tasks: the pixel cache's rows where the node sees
-                                            the file, else decode and resize each source file
+    image list (row, content id, path)      blocks of `BLOCK_ROWS` (`FILE_BLOCK_ROWS` from source
+                                            files at a model's own size), from the driver
+      -> map_batches(load_inputs)           CPU tasks, `source.load`: a `PixelSource` gives the pixel
+                                            cache's rows where the node sees the file, else decodes and
+                                            resizes each source file as the scan does; a `FileSource`
+                                            reads each source file at the model's own resolution as the
+                                            local reader does (a pretrained backbone, a 224-px MAE),
+                                            an unreadable one as zeros with its reason in 'error'
       -> map_batches(ModelWorker)           an actor pool: one actor per GPU (num_gpus=1), or on a
                                             CPU-only cluster CPU actors; the model in batches
-      -> iter_batches on the driver         (content ids, vectors), in completion order
+      -> iter_batches on the driver         (content ids, vectors, reasons), in completion order
 
 The driver (the job process) stores what comes back chunk by chunk; it stays the store's only writer.
 A worker that dies is replaced by Ray and its batch run again (Ray Data restarts pool actors and
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
     from core.store.db import Store
 
 BLOCK_ROWS = 1024  # images per block of the image list (a unit of CPU work and of retry)
+FILE_BLOCK_ROWS = 64  # ... when each file of a block is decoded at a model's own size (0.02-0.3 s a photo)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,41 @@ class PixelSource:
             return np.zeros((0, self.size, self.size, self.channels), np.uint8)
         return np.stack([decode(read_file(root / str(p)), self.size, self.channels).pixels for p in paths])
 
+    def load(self, batch: dict) -> dict:
+        """CPU stage: {'row', 'image_id', 'path'} -> {'image_id', 'pixels' uint8 [n, S, S, C]}."""
+        return {"image_id": batch["image_id"], "pixels": self.read(batch["row"], batch["path"])}
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Where a worker gets a model's input at the model's own resolution (a pretrained backbone's, a
+    224-px MAE's): `reader.file(root / path, content id)` for each source file, the function the local
+    reader calls, or, with `pixels` (a dataset with no file of its own per image: Fashion-MNIST),
+    `reader.array(pixel-cache row)`. Either returns an array of `shape` and `dtype` (uint8 [H, W, C]: the
+    pixels before the model's tensor step) or raises `BadImage` with the reason; that image comes back as
+    zeros with its reason in 'error', and the driver decides what to do (`ModelCompute.returned`)."""
+    root: str
+    reader: Any
+    shape: tuple[int, ...]
+    dtype: str = "uint8"
+    pixels: PixelSource | None = None
+
+    def load(self, batch: dict) -> dict:
+        """{'row', 'image_id', 'path'} -> {'image_id', 'pixels' [n, *shape], 'error' str [n] ('' if read)}."""
+        from core.data.decode import BadImage
+
+        n = len(batch["image_id"])
+        out = np.zeros((n, *self.shape), self.dtype)
+        errors = [""] * n
+        arrays = self.pixels.read(batch["row"], batch["path"]) if self.pixels is not None else None
+        for j, (path, image_id) in enumerate(zip(batch["path"], batch["image_id"])):
+            try:
+                out[j] = (self.reader.array(arrays[j]) if arrays is not None
+                          else self.reader.file(Path(self.root) / str(path), str(image_id)))
+            except BadImage as exc:
+                errors[j] = str(exc) or "cannot be read"
+        return {"image_id": batch["image_id"], "pixels": out, "error": np.array(errors, dtype=str)}
+
 
 def pixel_source(dataset: str, store: Store) -> PixelSource:
     """Where workers read the dataset's pixels: its pixel cache, else its source files
@@ -86,13 +127,14 @@ def paths_by_row(dataset: str, store: Store) -> np.ndarray:
     return by_row
 
 
-def load_pixels(batch: dict, source: PixelSource) -> dict:
-    """CPU stage: {'row', 'image_id', 'path'} -> {'image_id', 'pixels' uint8 [n, S, S, C]}."""
-    return {"image_id": batch["image_id"], "pixels": source.read(batch["row"], batch["path"])}
+def load_inputs(batch: dict, source: PixelSource | FileSource) -> dict:
+    """CPU stage: {'row', 'image_id', 'path'} -> {'image_id', 'pixels', ['error']} (`source.load`)."""
+    return source.load(batch)
 
 
 class ModelWorker:
-    """GPU (or CPU) stage: a pool actor holding the model; {'image_id', 'pixels'} -> {'image_id', 'vec'}."""
+    """GPU (or CPU) stage: a pool actor holding the model; {'image_id', 'pixels', ['error']} ->
+    {'image_id', 'vec', ['error']}. An image with an error is not run: its vector is NaN."""
 
     def __init__(self, model: Any, apply: Callable, batch_size: int):
         import torch
@@ -109,8 +151,17 @@ class ModelWorker:
                 f.write(f"{os.getpid()}\n")
 
     def __call__(self, batch: dict) -> dict:
-        vec = np.asarray(self.apply(self.model, batch["pixels"], self.batch_size), dtype=np.float32)
-        return {"image_id": batch["image_id"], "vec": vec}
+        if "error" not in batch:
+            vec = np.asarray(self.apply(self.model, batch["pixels"], self.batch_size), dtype=np.float32)
+            return {"image_id": batch["image_id"], "vec": vec}
+        ok = batch["error"] == ""
+        pixels = batch["pixels"]
+        got = np.asarray(self.apply(self.model, pixels[ok] if ok.any() else pixels[:1], self.batch_size),
+                         dtype=np.float32)  # none read: one image of zeros, for the vectors' length
+        vec = np.full((len(ok), got.shape[1]), np.nan, np.float32)
+        if ok.any():
+            vec[ok] = got
+        return {"image_id": batch["image_id"], "vec": vec, "error": batch["error"]}
 
 
 def pool_size(cluster: Cluster, workers: int | None = None) -> int:
@@ -124,26 +175,29 @@ def pool_size(cluster: Cluster, workers: int | None = None) -> int:
     return max(1, int(cluster.cpus) - 1)
 
 
-def stream_vectors(cluster: Cluster, rows: np.ndarray, ids: np.ndarray, paths: np.ndarray, source: PixelSource,
-                   model: Any, apply: Callable, batch_size: int, *, workers: int,
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (content ids [n], float32 vectors [n, D]) for the given images, as the cluster finishes them.
+def stream_vectors(cluster: Cluster, rows: np.ndarray, ids: np.ndarray, paths: np.ndarray,
+                   source: PixelSource | FileSource, model: Any, apply: Callable, batch_size: int, *, workers: int,
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yield (content ids [n], float32 vectors [n, D], reasons str [n] or None) for the given images, as the
+    cluster finishes them: with a `FileSource`, each image's reason ('' if read; the vector of an image not
+    read is NaN); with a `PixelSource`, None.
 
-    `apply(model, pixels uint8 [n, S, S, C], batch_size) -> float [n, D]` must be a module-level function."""
+    `apply(model, pixels [n, ...], batch_size) -> float [n, D]` must be a module-level function."""
     import pyarrow as pa
     import ray
     import ray.data
 
     table = pa.table({"row": pa.array(rows, pa.int64()), "image_id": pa.array(list(ids), pa.string()),
                       "path": pa.array([str(p) for p in paths], pa.string())})
-    blocks = [table.slice(lo, BLOCK_ROWS) for lo in range(0, len(table), BLOCK_ROWS)]
+    block = BLOCK_ROWS if isinstance(source, PixelSource) else min(BLOCK_ROWS, FILE_BLOCK_ROWS)
+    blocks = [table.slice(lo, block) for lo in range(0, len(table), block)]
     gpu = cluster.gpus >= 1
     ds = (ray.data.from_arrow(blocks)
-          .map_batches(load_pixels, fn_kwargs={"source": source}, batch_size=None, batch_format="numpy",
+          .map_batches(load_inputs, fn_kwargs={"source": source}, batch_size=None, batch_format="numpy",
                        num_cpus=1)
           .map_batches(ModelWorker, fn_constructor_kwargs={"model": model, "apply": apply,
                                                            "batch_size": batch_size},
-                       compute=ray.data.ActorPoolStrategy(size=workers), batch_size=BLOCK_ROWS,
+                       compute=ray.data.ActorPoolStrategy(size=workers), batch_size=block,
                        batch_format="numpy", num_gpus=1 if gpu else 0, num_cpus=1))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield batch["image_id"], batch["vec"]
+        yield batch["image_id"], batch["vec"], batch.get("error")

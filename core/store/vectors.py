@@ -10,8 +10,8 @@ ranker and image) are the same thing to the store: a table of `(key, image_id, F
   write transaction, so a job killed half-way resumes where it stopped. The computing is a function
   the caller passes in (pixel-cache rows -> vectors) and the storing a separate step (`insert`), so
   the computing can move elsewhere while this process writes: a `ModelCompute` (a model applied to
-  pixels in batches) runs on a Ray cluster when the job has a Ray address (`core.scale`), and the
-  vectors come back here to be stored in the same chunks;
+  pixels in batches, or to each source file read at the model's own size) runs on a Ray cluster when
+  the job has a Ray address (`core.scale`), and the vectors come back here to be stored in the same chunks;
 - `load`: a dataset's images that have a vector, by row, with the vectors as one numpy array;
 - `coverage`, `with_coverage`: how many of a dataset's images each key covers (the model lists show it);
 - `delete`: drops a key's vectors (a retrained model made them stale).
@@ -38,16 +38,30 @@ LOAD_BATCH = 65_536  # vectors read at a time by `VectorTable.load`
 
 @dataclass(frozen=True)
 class ModelCompute:
-    """A compute step that is a model applied to a dataset's pixels, `batch_size` images at a time:
-    `apply(model, pixels uint8 [n, S, S, C], batch_size) -> float [n, D]`, a module-level function, so
-    the same step runs here (called with pixel-cache rows, like any `Compute`) or on a Ray cluster."""
+    """A compute step that is a model applied to a dataset's images, `batch_size` images at a time:
+    `apply(model, pixels [n, ...], batch_size) -> float [n, D]`, a module-level function, so the same
+    step runs here (called with pixel-cache rows, like any `Compute`) or on a Ray cluster.
+
+    By default the model reads the pixel cache (uint8 [n, S, S, C]), here and on the cluster. A model that
+    reads each source file at its own size (a pretrained backbone, a 224-px MAE) gives:
+    - `source`: what a cluster's CPU tasks read (`core.scale.data.FileSource`: the file through the same
+      reader as here);
+    - `here`: its compute step on this machine (rows -> vectors; e.g. decoding in DataLoader workers);
+    - `returned(content ids, vectors, reasons) -> vectors`: what the driver does with each part that comes
+      back from the cluster before it is stored (reasons: '' for an image read, else why not; its vector
+      is NaN): record the unreadable images, or compute them here another way."""
     dataset: str
     model: Any = field(repr=False)
     apply: Callable[[Any, np.ndarray, int], np.ndarray]
     batch_size: int
-    pixels: np.ndarray = field(repr=False)  # the dataset's pixel cache, memory-mapped
+    pixels: np.ndarray | None = field(repr=False)  # the dataset's pixel cache, memory-mapped
+    source: Any = field(default=None, repr=False)
+    here: Compute | None = field(default=None, repr=False)
+    returned: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if self.here is not None:
+            return self.here(rows)
         return self.apply(self.model, np.asarray(self.pixels[rows]), self.batch_size)
 
 
