@@ -3,8 +3,9 @@
 A job's `ray` parameter (`--ray ADDRESS` on the heavy commands, else the app's setting, written there when
 the job is launched: `core.scale.setting`) or `REDEX_RAY_ADDRESS=auto|HOST:PORT` sends to the cluster:
 
-- embedding and LTRP scoring: Ray Data over the image list, CPU tasks that load the pixels (the pixel
-  cache where the node sees it, else decode and resize the source file), an actor per GPU (CPU actors
+- embedding and LTRP scoring: Ray Data over the image list, CPU tasks that load each image (the pixel
+  cache where the node sees it, else decode and resize the source file; for a pretrained backbone or a
+  224-px MAE, the source file read at the model's own size, `FileSource`), an actor per GPU (CPU actors
   on a CPU-only cluster) that runs the model in batches (`core.scale.data`);
 - the near-copy search by pixels: one task per class (`core.scale.copies`);
 - merge trees: one task per class, and one per part of a big class's approximation (`cluster.map_*`);
