@@ -230,3 +230,14 @@ def test_the_contrastive_backbone_gets_its_own_cache_key_and_old_recipes_keep_th
     assert backbone.contrastive > 0 and Recipe.from_dict(backbone.to_dict()) == backbone
     ids = {embeddings.backbone_id("demo", DEFAULT_BACKBONE, recipe=r.to_dict()) for r in (plain, backbone)}
     assert len(ids) == 2  # embeddings of the cross-entropy-only backbone are never mixed with the new ones
+
+
+def test_blank_images_are_no_near_copy_of_anything(fmnist_test):
+    # a flat image has no variance to correlate: float error once made a blank image's Pearson r huge against
+    # any other image, so blank frames joined real images of their class; a real copy still pairs
+    images, labels = fmnist_test
+    real = images[np.flatnonzero(labels == 0)[:30]]
+    flat = np.stack([np.full((28, 28), v, np.uint8) for v in (0, 0, 128, 255, 255)])
+    moved = shift(real[3], 1, 0)
+    pairs, dist = copies.class_pairs(np.concatenate([real, flat, moved[None]]))
+    assert [tuple(p) for p in pairs] == [(3, 35)], (pairs, dist)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch is imported where it computes: the pages import this 
     import torch
 
 COMPARE_SIDE = 32          # images larger than this are area-averaged down to it for both steps
+FLAT_VARIANCE = 1e-4       # per-pixel variance (0..1 scale, std 0.01) below which an image is flat: r = 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class CopySettings:
     aligned: float = 0.004                      # the same after the continuous alignment (it fits more)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "scales": list(self.scales), "gates": list(self.gates), "compare_side": COMPARE_SIDE}
+        return {**asdict(self), "scales": list(self.scales), "gates": list(self.gates), "compare_side": COMPARE_SIDE,
+                "flat_variance": FLAT_VARIANCE}
 
     def key(self) -> str:
         return hashlib.blake2b(repr(sorted(self.to_dict().items())).encode(), digest_size=8).hexdigest()
@@ -238,13 +240,19 @@ def _surface(p: _Prepared, za: int, a: torch.Tensor, b: torch.Tensor) -> torch.T
     """Pearson r between images b (unzoomed) and a (zoom index za) moved by each allowed shift t, over
     the pixels where the two overlap (the strip a move empties is left out) -> [P, T]; at t, b(u) is
     compared with a(u + t). The cross-correlation is the cross spectrum times the DFT basis."""
+    import torch
+
     ar, ai, br, bi = p.re[za, a], p.im[za, a], p.re[0, b], p.im[0, b]
     cross = (ar * br + ai * bi) @ p.basis_re + (ai * br - ar * bi) @ p.basis_im     # [P, T]
     sw, sww = p.win_sum[za, a], p.win_sq[za, a]
     sb, sbb = p.win_sum[0, b].flip(1), p.win_sq[0, b].flip(1)  # b over the overlap: its window at -shift
     cov = cross - sw * sb / p.count
-    var = (sww - sw * sw / p.count).clamp_min(1e-9) * (sbb - sb * sb / p.count).clamp_min(1e-9)
-    return cov / var.sqrt()
+    va, vb = sww - sw * sw / p.count, sbb - sb * sb / p.count
+    r = cov / (va.clamp_min(1e-9) * vb.clamp_min(1e-9)).sqrt()
+    # a (nearly) flat image over the overlap has no correlation with anything: without this, float error
+    # in its variance (0 in exact arithmetic) gave a blank image r in the thousands against any other
+    flat = (va < FLAT_VARIANCE * p.count) | (vb < FLAT_VARIANCE * p.count)
+    return torch.where(flat, torch.zeros_like(r), r)
 
 
 def _peak(r: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,11 +293,15 @@ def gradients(x: torch.Tensor) -> torch.Tensor:
 def _pearson(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor):
     """Pearson r of a and b [P, s, s] over the weights w (0/1) -> (r, a and b centred and masked, a's
     sum of squares, the covariance)."""
+    import torch
+
     count = w.sum((1, 2)).clamp_min(1)
     da = (a - (a * w).sum((1, 2))[:, None, None] / count[:, None, None]) * w
     db = (b - (b * w).sum((1, 2))[:, None, None] / count[:, None, None]) * w
     va, vb, cov = (da * da).sum((1, 2)), (db * db).sum((1, 2)), (da * db).sum((1, 2))
-    return cov / (va * vb).clamp_min(1e-12).sqrt(), da, db, va, cov
+    r = cov / (va * vb).clamp_min(1e-12).sqrt()
+    flat = (va < FLAT_VARIANCE * count) | (vb < FLAT_VARIANCE * count)  # as in `_surface`
+    return torch.where(flat, torch.zeros_like(r), r), da, db, va, cov
 
 
 def align(x3: torch.Tensor, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor,
