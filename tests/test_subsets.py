@@ -219,3 +219,24 @@ def test_training_page_launches_and_plots(ready, store):
     assert not groups_page.exception
     assert any(c.value.startswith("**Evidence:** 0.5 semantic: ") and "vs random" in c.value and "vs full" in c.value
                for c in groups_page.caption)
+
+
+def test_summary_keeps_the_newest_run_of_each_seed_not_the_runs_of_a_subset_since_replaced(store):
+    # New near-copy pairs or embeddings change the trees, so the semantic subset, and a sweep trains it anew: the
+    # runs of the subset before it stay in the store, and the summary must not average the two subsets' runs
+    recipe = '{"epochs": 1, "seed": 0}'
+    rows = [("old0", "semantic", 0, "fpA", 0.50, "2026-01-01"), ("old1", "semantic", 1, "fpA", 0.52, "2026-01-01"),
+            ("new0", "semantic", 0, "fpB", 0.80, "2026-02-01"), ("new1", "semantic", 1, "fpB", 0.84, "2026-02-01"),
+            ("full0", "full", 0, "fpF", 0.90, "2026-01-01")]
+    with store.write() as con:
+        for key, method, seed, fp, top1, at in rows:
+            fraction = 1.0 if method == "full" else 0.5
+            con.execute("INSERT INTO train_runs (run_key, dataset, method, fraction, seed, selection, recipe, subset_fp,"
+                        " n_train, status, metrics, created_at, finished_at) VALUES (?, 'd', ?, ?, ?, '{\"backbone_id\":"
+                        " \"b\"}', ?, ?, 10, 'done', ?, ?, ?)",
+                        [key, method, fraction, seed, recipe, fp, f'{{"test_top1": {top1}}}', at, at])
+    table = results.summary(results.runs("d", store))
+    semantic = table[table.method == "semantic"].iloc[0]
+    assert semantic.seeds == 2 and semantic.top1_mean == pytest.approx(0.82)  # the newer subset's two runs only
+    assert semantic.top1_std == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert table[table.method == "full"].iloc[0].top1_mean == pytest.approx(0.90)

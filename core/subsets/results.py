@@ -96,7 +96,10 @@ def summary(df: pd.DataFrame, tag: str | None = None) -> pd.DataFrame:
     """Finished runs grouped by (method, fraction): images, seeds, mean and std of test top-1.
 
     `tag`: only runs of that recipe (see `recipe_tag`); default: the recipe of the newest run.
-    std is the sample std over seeds (0 for one seed).
+    std is the sample std over seeds (0 for one seed). One run per (method, fraction, seed, selection): the
+    newest. When the trees change (new embeddings, near-copy pairs), a semantic subset changes and a sweep
+    trains it anew; the runs of the subset before it stay in the store, but are not averaged with the
+    new ones (they were: 4 runs under "2 seeds", docs/reproduction.md).
     """
     done = df[df.status == "done"]
     if done.empty:
@@ -104,6 +107,8 @@ def summary(df: pd.DataFrame, tag: str | None = None) -> pd.DataFrame:
                                      "recipe_tag", "backbone_id"])
     tag = tag or done.recipe_tag.iloc[0]
     done = done[done.recipe_tag == tag].fillna({"backbone_id": ""})
+    done = (done.sort_values(["finished_at", "created_at"], kind="stable", na_position="first")
+            .drop_duplicates(["method", "fraction", "seed", "selection"], keep="last"))
     out = done.groupby(["method", "fraction", "backbone_id"], as_index=False).agg(
         n_train=("n_train", "mean"), seeds=("seed", "nunique"), top1_mean=("test_top1", "mean"),
         top1_std=("test_top1", lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0))
