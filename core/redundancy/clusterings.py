@@ -88,19 +88,11 @@ def near_copies_enabled(name: str, store: Store | None = None) -> bool:
     return bool(row[0][0]) if row else NEAR_COPIES_DEFAULT
 
 
-def _copies_fingerprint(name: str, store: Store, settings: copies.CopySettings) -> str:
-    """Of the whole search: the train images (rows, pixel hashes, labels), the pixel cache and the settings.
-    Matches `copy_state.fingerprint` when the stored pairs are current (one cheap check)."""
-    from core.data import catalog
-
-    ds = catalog.get_dataset(name, store)
-    rows = store.query("SELECT row, pixel_hash, label FROM images WHERE dataset = ? AND split = ? ORDER BY row",
-                       [name, SUBSET_SPLIT])
-    h = hashlib.blake2b(f"{ds['pixels']}|{ds['image_size']}|{ds['channels']}|{settings.key()}".encode(),
-                        digest_size=12)
-    for r in rows:
-        h.update(f"{r[0]}:{r[1]}:{r[2]}\n".encode())
-    return h.hexdigest()
+def _copies_fingerprint(classes: dict[str, tuple[np.ndarray, str]]) -> str:
+    """Of the whole search, from its classes' fingerprints (`_copy_classes`): matches `copy_state.fingerprint`
+    when the stored pairs are current (one cheap check)."""
+    return hashlib.blake2b("\n".join(f"{label}:{cfp}" for label, (_, cfp) in classes.items()).encode(),
+                           digest_size=12).hexdigest()
 
 
 def _copy_classes(name: str, store: Store, settings: copies.CopySettings) -> dict[str, tuple[np.ndarray, str]]:
@@ -147,7 +139,8 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
                             " VALUES (?, false, NULL, NULL, 0)", [name])
                 con.execute("DELETE FROM copy_pairs WHERE dataset = ?", [name])
         return np.zeros((0, 2), np.int64)
-    fp = _copies_fingerprint(name, store, settings)
+    classes = _copy_classes(name, store, settings)
+    fp = _copies_fingerprint(classes)
     if row and row[0][0] and row[0][1] == fp:
         return stored_copy_pairs(name, store)
     try:
@@ -158,7 +151,6 @@ def ensure_copy_pairs(name: str, enabled: bool | None = None, *, store: Store | 
         if ctx:
             ctx.log(f"near copies by pixels skipped: {e}")
         return np.zeros((0, 2), np.int64)
-    classes = _copy_classes(name, store, settings)
     stored = dict(store.query("SELECT label, fingerprint FROM copy_classes WHERE dataset = ?", [name]))
     todo = [label for label, (_, cfp) in classes.items() if stored.get(label) != cfp]
     total = sum(len(r) for r, _ in classes.values())
@@ -269,7 +261,7 @@ def copy_pairs_pending(name: str, enabled: bool | None = None, store: Store | No
     if not (near_copies_enabled(name, store) if enabled is None else bool(enabled)):
         return False
     row = store.query("SELECT enabled, fingerprint FROM copy_state WHERE dataset = ?", [name])
-    return not (row and row[0][0] and row[0][1] == _copies_fingerprint(name, store, settings))
+    return not (row and row[0][0] and row[0][1] == _copies_fingerprint(_copy_classes(name, store, settings)))
 
 
 def stored_copy_pairs(name: str, store: Store | None = None) -> np.ndarray:
