@@ -405,20 +405,18 @@ def class_pairs(pixels: np.ndarray, settings: CopySettings = DEFAULT_SETTINGS) -
 
 def components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of `pairs` [m, 2] over n items: a component id per item int64 [n] (the
-    smallest member's position), singletons their own."""
-    parent = np.arange(n)
+    smallest member's position), singletons their own (scipy's `connected_components`)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in np.asarray(pairs, np.int64):
-        ra, rb = root(int(a)), root(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) for i in range(n)], np.int64)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    count, labels = connected_components(graph, directed=False)
+    smallest = np.full(count, n, np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]
 
 
 def pairs_fingerprint(pairs: np.ndarray) -> str:

@@ -201,7 +201,7 @@ def _join(dist: np.ndarray, comp: np.ndarray) -> None:
         if len(members) < 2:
             continue
         i, j = np.triu_indices(len(members), 1)
-        a, b = np.sort(members)[i], np.sort(members)[j]
+        a, b = members[i], members[j]  # ascending: a stable sort by component keeps the members in order
         dist[n * a - a * (a + 1) // 2 + (b - a - 1)] = 0.0
 
 
