@@ -7,6 +7,7 @@ import streamlit as st
 from core import jobs
 from core.data import catalog
 from core.embed import embeddings
+from core.store import readahead
 from core.store.db import get_store
 
 
@@ -131,6 +132,7 @@ class Gallery:
             return catalog.display_images(self.name, rows)
         if self._pixels is None:
             self._pixels = catalog.load_pixels(self.name)
+            readahead.read_ahead(self._pixels)  # a page of groups reads rows all over the cache
         return [np.asarray(self._pixels[r]) for r in rows]
 
     def __getitem__(self, row) -> np.ndarray:

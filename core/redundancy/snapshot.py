@@ -36,6 +36,7 @@ import pandas as pd
 from core import config, paths
 from core.redundancy import trees
 from core.redundancy.index import CutIndex
+from core.store import readahead
 
 FORMAT = 1
 INDEX_ARRAYS = ("member", "local", "class_of", "rank", "height")
@@ -64,6 +65,7 @@ def load(name: str, bid: str, linkage: str, version: str):
         ix = {k: np.load(where / f"index.{k}.npy", mmap_mode="r") for k in INDEX_ARRAYS}
     except (OSError, ValueError):
         return None  # none yet, or replaced while reading: the caller loads from the store
+    readahead.read_ahead(a["emb"])  # the representatives of a class picked first read its rows at random
     classes, start, merge = {}, 0, 0
     labels = np.empty(len(a["row"]), dtype=object)
     for label, n, meta in zip(head["labels"], head["sizes"], head["metas"]):
