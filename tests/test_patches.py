@@ -2,6 +2,8 @@
 
 Real components: a real DuckDB file, real Fashion-MNIST images (100 per split), tiny models.
 """
+import base64
+import json
 from pathlib import Path
 
 import numpy as np
@@ -238,14 +240,26 @@ def test_page_without_a_ranker_starts_the_job(store, fmnist):
     jobs.cancel(job["id"], store)
 
 
+def framed(at: AppTest) -> int:
+    """How many patches the heatmap frames in red (one closed outline of 5 points per patch)."""
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    x = next(t for t in spec["data"] if t.get("mode") == "lines")["x"]
+    if isinstance(x, dict):  # Plotly 6 sends numeric arrays as base64 typed arrays
+        x = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"])
+    return int(np.isfinite(np.asarray(x, dtype=float)).sum()) // 5
+
+
 def test_page_heatmap_slider_grid_and_group(store, scored):
     name, rid = scored
     at = run_page("pages/patch_heatmaps.py", dataset=name)
     assert not at.exception
     assert metrics(at)["Kept patches"] == "24 / 49" and metrics(at)["Score map"] == "stored"
     assert len(at.get("plotly_chart")) == 1
+    assert framed(at) == 24
     at.slider(key="keep_ratio").set_value(0.25).run()
-    assert metrics(at)["Kept patches"] == "12 / 49"
+    assert metrics(at)["Kept patches"] == "12 / 49" and framed(at) == 12  # the frames follow the slider
+    at.slider(key="keep_ratio").set_value(0.5).run()  # back: the view kept for 24 patches is shown again
+    assert metrics(at)["Kept patches"] == "24 / 49" and framed(at) == 24
 
     at.radio(key="pick_by").set_value("content id or path").run()
     at.text_input(key="heat_ref").set_value("nope").run()
