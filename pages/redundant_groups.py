@@ -25,7 +25,7 @@ REPRESENTATIVE_WORDS = {
     "random": "an image picked at random (seeded)",
     "farthest_mean": "the image farthest from its group's average",
 }
-SECTIONS = ["Groups", "Group sizes", "Map", "Duplicates & label conflicts", "Export"]
+SECTIONS = ["Groups", "Per class", "Group sizes", "Map", "Duplicates & label conflicts", "Export"]
 GROUPS_PER_PAGE = 8
 SHOWN_PER_GROUP = 24
 PAIRS_PER_PAGE = 10
@@ -172,15 +172,11 @@ def cut_panel() -> None:
         st.caption(f"**Evidence:** {said}" if said else
                    f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset"
                    " against random subsets and the full set.")
-    st.dataframe(cut.per_class().drop(columns="groups"), hide_index=True, key="per_class",  # groups = kept
-                 height=min(400, 38 + 35 * len(index.labels)),
-                 column_config={"label": "Class", "images": st.column_config.NumberColumn("Images", format="localized"),
-                                "kept": st.column_config.NumberColumn("Kept", format="localized"),
-                                "removed": st.column_config.NumberColumn("Removed", format="localized"),
-                                "kept_fraction": st.column_config.NumberColumn("Kept fraction", format="percent")})
     section = st.segmented_control("Show", SECTIONS, default=SECTIONS[0], key="groups_section") or SECTIONS[0]
     if section == "Groups":
         groups_section(cut, rule)
+    elif section == "Per class":
+        per_class_section(cut)
     elif section == "Group sizes":
         sizes_section(cut)
     elif section == "Map":
@@ -227,6 +223,18 @@ def groups_section(cut, rule: str) -> None:
         st.session_state.update(heatmap_group={"dataset": name, "title": heat[g][0], "rows": heat[g][1]},
                                 heatmap_group_new=True)
         st.switch_page("pages/patch_heatmaps.py")
+
+
+def per_class_section(cut) -> None:
+    """Images, kept and removed per class. A section of its own, not a table above every section: a data
+    grid re-sent and redrawn on each slider move cost the browser 50-70 ms of the move (bench/ui_latency.py,
+    with and without it)."""
+    st.dataframe(cut.per_class().drop(columns="groups"), hide_index=True, key="per_class",  # groups = kept
+                 height=min(400, 38 + 35 * len(index.labels)),
+                 column_config={"label": "Class", "images": st.column_config.NumberColumn("Images", format="localized"),
+                                "kept": st.column_config.NumberColumn("Kept", format="localized"),
+                                "removed": st.column_config.NumberColumn("Removed", format="localized"),
+                                "kept_fraction": st.column_config.NumberColumn("Kept fraction", format="percent")})
 
 
 def sizes_section(cut) -> None:

@@ -94,8 +94,11 @@ def test_page_slider_changes_the_counts(clustered):
     at.slider(key="fraction").set_value(0.3).run()
     assert not at.exception
     assert int({m.label: m.value for m in at.metric}["Kept"]) < int(kept)
+    assert not at.dataframe  # the per-class table is a section of its own (not redrawn on every move)
+    at.segmented_control(key="groups_section").set_value("Per class").run()
     per_class = at.dataframe[0].value
     assert list(per_class.kept) == [max(1, round(0.3 * n)) for n in per_class.images]
+    at.segmented_control(key="groups_section").set_value("Groups").run()
     at.radio(key="cut_mode").set_value("threshold").run()
     threshold = at.slider(key="threshold")
     assert not at.exception and 0 < threshold.value < threshold.max  # on the clustering's own scale
