@@ -34,6 +34,7 @@ def group_images() -> None:
     st.caption(f"{wording.plural(len(group['rows']), 'image')} of the group (from the Redundant groups page),"
                " the kept one first in a red frame. Their patch heatmaps appear here once a patch ranker is"
                " trained (below).")
+    widgets.sheet_style()
     widgets.show_sheets(widgets.Gallery(name), [(group["rows"], group.get("kept", group["rows"][0]))], [None])
 
 

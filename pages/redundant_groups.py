@@ -120,9 +120,10 @@ def cut_of(name: str, bid: str, linkage: str, version: str, fraction: float | No
     return index.cut(fraction=fraction, threshold=threshold)
 
 
-@st.cache_data(max_entries=4, ttl=30, show_spinner=False)
-def run_summary(name: str):
-    """Finished training runs by (method, fraction): read with the page, not on each slider move."""
+@st.cache_data(max_entries=4, show_spinner=False)
+def run_summary(name: str, generation: tuple):
+    """Finished training runs by (method, fraction): read again only after a write to the store. (It had a
+    30 s time to live: the slider move that found it expired read the store, 20-200 ms here, the p95.)"""
     return results.summary(results.runs(name, refresh=False))
 
 
@@ -141,34 +142,36 @@ pixels = widgets.gallery(name, version)  # display thumbnails, else the pixel ca
 
 @st.fragment
 def cut_panel() -> None:
-    left, mid, right = st.columns([2, 2, 2])
-    mode = left.radio("Cut by", ["fraction", "threshold"], horizontal=True, key="cut_mode")
+    # Rows are horizontal containers, not st.columns: one block per row instead of one plus one per column,
+    # and every element here is re-sent and redrawn on each slider move (about 1.4 ms each in the browser).
+    controls = st.container(horizontal=True, gap="medium")
+    mode = controls.radio("Cut by", ["fraction", "threshold"], horizontal=True, key="cut_mode")
     if mode == "fraction":
-        fraction = mid.slider("Fraction kept", 0.01, 1.0, 0.9, 0.01, key="fraction",
+        fraction = controls.slider("Fraction kept", 0.01, 1.0, 0.9, 0.01, key="fraction",
                               help="Each class keeps max(1, round(f × n_c)) groups, one image each.")
         settings = {"fraction": fraction}
     else:
         top, step, default = threshold_scale(name, bid, linkage, version)
         if not 0.0 <= st.session_state.get("threshold", default) <= top:  # from another dataset's scale
             st.session_state["threshold"] = default
-        threshold = mid.slider("Cosine distance threshold", 0.0, top, default, step, key="threshold",
+        threshold = controls.slider("Cosine distance threshold", 0.0, top, default, step, key="threshold",
                                format=f"%.{max(3, -int(np.floor(np.log10(step))))}f",
                                help="Images joined by merges at or below this distance form one group. The scale"
                                     " runs to the distance at which 1 % of the images would be kept, in 500 steps;"
                                     " it starts where about 90 % are kept.")
         settings = {"threshold": threshold}
-    rule = right.selectbox("Image kept per group", list(REPRESENTATIVE_WORDS), key="representative",
+    rule = controls.selectbox("Image kept per group", list(REPRESENTATIVE_WORDS), key="representative",
                            format_func=lambda r: REPRESENTATIVE_WORDS[r].capitalize(),
                            help="The paper keeps one image per group; which one is not stated. Default: the"
                                 " image closest to its group's average embedding.")
     cut = cut_of(name, bid, linkage, version, settings.get("fraction"), settings.get("threshold"))
     n_all, n_kept = index.n, cut.n_groups
-    m1, m2, m3 = st.columns(3)
-    m1.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {clusterings.SUBSET_SPLIT} images")
-    m2.metric("Removed as redundant", f"{n_all - n_kept:,}")
-    m3.metric("Kept fraction", f"{n_kept / max(n_all, 1):.1%}")
+    numbers = st.container(horizontal=True, gap="medium")
+    numbers.metric("Kept", f"{n_kept:,}", help=f"of {n_all:,} {clusterings.SUBSET_SPLIT} images")
+    numbers.metric("Removed as redundant", f"{n_all - n_kept:,}")
+    numbers.metric("Kept fraction", f"{n_kept / max(n_all, 1):.1%}")
     if mode == "fraction":
-        said = results.evidence_from(run_summary(name), fraction, bid)
+        said = results.evidence_from(run_summary(name, widgets.store_generation()), fraction, bid)
         st.caption(f"**Evidence:** {said}" if said else
                    f"No training run at fraction {fraction:g} yet: the **Training** page trains the subset"
                    " against random subsets and the full set.")
@@ -190,13 +193,13 @@ def cut_panel() -> None:
 @st.fragment
 def groups_section(cut, rule: str) -> None:
     """A fragment of its own: the class picker and the page stepper rerun only this section (not the
-    metrics and the per-class table above it), with the cut of the last slider position."""
-    f1, f2, f3 = st.columns(3)
-    label = f1.selectbox("Class", ["(all)"] + list(index.labels), key="group_class")
+    metrics above it), with the cut of the last slider position."""
+    header = st.container(horizontal=True, gap="medium")
+    label = header.selectbox("Class", ["(all)"] + list(index.labels), key="group_class")
     largest = cut.largest(None if label == "(all)" else label)
     n_pages = max(1, -(-len(largest) // GROUPS_PER_PAGE))
-    page = min(f2.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="group_page"), n_pages) - 1
-    f3.caption(f"{len(largest):,} groups with 2 or more images, largest first. The image kept is first,"
+    page = min(header.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="group_page"), n_pages) - 1
+    header.caption(f"{len(largest):,} groups with 2 or more images, largest first. The image kept is first,"
                f" in a red frame: {REPRESENTATIVE_WORDS[rule]}.")
     shown_groups = [int(g) for g in largest[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]]
     if not shown_groups:
@@ -215,10 +218,10 @@ def groups_section(cut, rule: str) -> None:
         sheets.append((image_rows[shown], int(image_rows[kept])))
         heat[g] = (title, [int(r) for r in image_rows[shown[:12]]])
     widgets.show_sheets(pixels, sheets, captions)  # made once per group, the new ones in one read
-    h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
-    g = h1.selectbox("Look inside a group", list(heat), key="heat_group_pick",
+    inside = st.container(horizontal=True, vertical_alignment="bottom", gap="medium")
+    g = inside.selectbox("Look inside a group", list(heat), key="heat_group_pick",
                      format_func=lambda g: heat[g][0])  # a select box shows its options as plain text
-    if h2.button("Patch heatmaps", key="heat_open", help="Open the group's images side by side on the Patch"
+    if inside.button("Patch heatmaps", key="heat_open", help="Open the group's images side by side on the Patch"
                  " heatmaps page (the first 12)"):
         st.session_state.update(heatmap_group={"dataset": name, "title": heat[g][0], "rows": heat[g][1]},
                                 heatmap_group_new=True)
@@ -337,6 +340,7 @@ def export_section(settings: dict, rule: str) -> None:
                " --fraction F --imagefolder DIR` writes the kept images as a folder tree.")
 
 
+widgets.sheet_style()
 if st.session_state.get("trees_waiting"):  # a label-conflict search started from the review section
     widgets.watch_jobs(name, [("cluster", {"backbone_id": bid, "linkage": linkage}, "trees_waiting")])
 cut_panel()
