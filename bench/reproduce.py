@@ -6,7 +6,7 @@ image, build the complete-linkage trees, then a sweep of fractions x {semantic, 
 the default recipe as background jobs (finished runs are reused). Writes the table, the reading of
 it and the plot (matplotlib, the `bench` extra) to `--out` (default docs/reproduction.md).
 
-    .venv/bin/python bench/reproduce.py                      # 40 min on 2 idle CPU cores; 6 on an H100
+    .venv/bin/python bench/reproduce.py                      # 40-90 min on 2 CPU cores; 6 on an H100
     .venv/bin/python bench/reproduce.py --limit 2000 --seeds 2 --fractions 1,0.5 --out /tmp/r.md   # a smoke run
     REDEX_MAX_JOBS=4 python bench/reproduce.py               # several runs at once (a GPU has room)
 """
