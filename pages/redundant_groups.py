@@ -148,22 +148,22 @@ def cut_panel() -> None:
     mode = controls.radio("Cut by", ["fraction", "threshold"], horizontal=True, key="cut_mode")
     if mode == "fraction":
         fraction = controls.slider("Fraction kept", 0.01, 1.0, 0.9, 0.01, key="fraction",
-                              help="Each class keeps max(1, round(f × n_c)) groups, one image each.")
+                                   help="Each class keeps max(1, round(f × n_c)) groups, one image each.")
         settings = {"fraction": fraction}
     else:
         top, step, default = threshold_scale(name, bid, linkage, version)
         if not 0.0 <= st.session_state.get("threshold", default) <= top:  # from another dataset's scale
             st.session_state["threshold"] = default
         threshold = controls.slider("Cosine distance threshold", 0.0, top, default, step, key="threshold",
-                               format=f"%.{max(3, -int(np.floor(np.log10(step))))}f",
-                               help="Images joined by merges at or below this distance form one group. The scale"
-                                    " runs to the distance at which 1 % of the images would be kept, in 500 steps;"
-                                    " it starts where about 90 % are kept.")
+                                    format=f"%.{max(3, -int(np.floor(np.log10(step))))}f",
+                                    help="Images joined by merges at or below this distance form one group. The"
+                                         " scale runs to the distance at which 1 % of the images would be kept, in"
+                                         " 500 steps; it starts where about 90 % are kept.")
         settings = {"threshold": threshold}
     rule = controls.selectbox("Image kept per group", list(REPRESENTATIVE_WORDS), key="representative",
-                           format_func=lambda r: REPRESENTATIVE_WORDS[r].capitalize(),
-                           help="The paper keeps one image per group; which one is not stated. Default: the"
-                                " image closest to its group's average embedding.")
+                              format_func=lambda r: REPRESENTATIVE_WORDS[r].capitalize(),
+                              help="The paper keeps one image per group; which one is not stated. Default:"
+                                   " the image closest to its group's average embedding.")
     cut = cut_of(name, bid, linkage, version, settings.get("fraction"), settings.get("threshold"))
     n_all, n_kept = index.n, cut.n_groups
     numbers = st.container(horizontal=True, gap="medium")
@@ -200,7 +200,7 @@ def groups_section(cut, rule: str) -> None:
     n_pages = max(1, -(-len(largest) // GROUPS_PER_PAGE))
     page = min(header.number_input(f"Page (of {n_pages:,})", 1, n_pages, 1, key="group_page"), n_pages) - 1
     header.caption(f"{len(largest):,} groups with 2 or more images, largest first. The image kept is first,"
-               f" in a red frame: {REPRESENTATIVE_WORDS[rule]}.")
+                   f" in a red frame: {REPRESENTATIVE_WORDS[rule]}.")
     shown_groups = [int(g) for g in largest[page * GROUPS_PER_PAGE:(page + 1) * GROUPS_PER_PAGE]]
     if not shown_groups:
         st.caption("No group of 2 or more images at this cut: every image is kept.")
@@ -220,9 +220,9 @@ def groups_section(cut, rule: str) -> None:
     widgets.show_sheets(pixels, sheets, captions)  # made once per group, the new ones in one read
     inside = st.container(horizontal=True, vertical_alignment="bottom", gap="medium")
     g = inside.selectbox("Look inside a group", list(heat), key="heat_group_pick",
-                     format_func=lambda g: heat[g][0])  # a select box shows its options as plain text
+                         format_func=lambda g: heat[g][0])  # a select box shows its options as plain text
     if inside.button("Patch heatmaps", key="heat_open", help="Open the group's images side by side on the Patch"
-                 " heatmaps page (the first 12)"):
+                     " heatmaps page (the first 12)"):
         st.session_state.update(heatmap_group={"dataset": name, "title": heat[g][0], "rows": heat[g][1]},
                                 heatmap_group_new=True)
         st.switch_page("pages/patch_heatmaps.py")
