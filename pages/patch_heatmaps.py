@@ -115,7 +115,7 @@ def heat_figure(view: ltrp_view.PatchView, image: ltrp_view.ImageRef) -> go.Figu
     The frames are one line trace, not a shape per patch: Plotly validates every `add_shape`, which
     cost about 4 ms a patch here (120 ms for 29 of 49 patches; 400 ms for half of a 224-px MAE's 196),
     on every move of the keep-ratio slider."""
-    side = widgets.upscale(view.display, 360).shape[0]
+    side = view.display.shape[0] * widgets.upscale_factor(view.display.shape[0], 360)  # as `display_uri` draws it
     cell = side / grid  # a patch, in display pixels
     centres = (np.arange(grid) + 0.5) * cell - 0.5
     r, c = np.divmod(np.asarray(view.keep, np.int64), grid)

@@ -88,9 +88,14 @@ def forget_dataset(name: str) -> None:
         del st.query_params["dataset"]
 
 
+def upscale_factor(side: int, min_side: int = 84) -> int:
+    """The whole factor `upscale` enlarges an image `side` pixels high by (1 for large images)."""
+    return max(1, min_side // max(side, 1))
+
+
 def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
     """Nearest-neighbour upscale of a small [H, W, C] image so it is visible (pixels stay sharp)."""
-    factor = max(1, min_side // max(img.shape[0], 1))
+    factor = upscale_factor(img.shape[0], min_side)
     img = img.repeat(factor, axis=0).repeat(factor, axis=1)
     return img[:, :, 0] if img.shape[2] == 1 else img
 
