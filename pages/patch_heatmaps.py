@@ -141,7 +141,7 @@ def heat_figure(view: ltrp_view.PatchView, image: ltrp_view.ImageRef) -> go.Figu
 def thumbnails(images: list[np.ndarray], captions: list[str], columns: int = 8) -> None:
     cols = st.columns(columns)
     for i, (img, caption) in enumerate(zip(images, captions)):
-        cols[i % columns].image(widgets.upscale(img), caption=widgets.md_text(caption))  # captions are Markdown
+        cols[i % columns].image(**widgets.crisp(img), caption=widgets.md_text(caption))  # captions are Markdown
 
 
 def pick_one() -> ltrp_view.ImageRef:
@@ -214,9 +214,9 @@ def one_image(keep_ratio: float) -> None:
         st.plotly_chart(heat_figure(view, image), key="heatmap")
     with right:
         a, b, c = st.columns(3)
-        a.image(widgets.upscale(view.display, 168), caption="original")
-        b.image(widgets.upscale(view.kept, 168), caption="kept patches")
-        c.image(widgets.upscale(view.reconstruction, 168), caption="MAE reconstruction from the kept patches")
+        a.image(**widgets.crisp(view.display, 168), caption="original")
+        b.image(**widgets.crisp(view.kept, 168), caption="kept patches")
+        c.image(**widgets.crisp(view.reconstruction, 168), caption="MAE reconstruction from the kept patches")
     st.caption("Brighter = more informative: removing that patch changes the MAE's reconstruction of the"
                " hidden patches most. Red frames: the patches kept at this ratio. The reconstruction shows the"
                " kept patches as they are and the MAE's prediction everywhere else.")

@@ -318,8 +318,8 @@ def review_section() -> None:
     images = pixels.get(list(shown.row_a) + list(shown.row_b))  # one read for the page's pairs
     for i, r in enumerate(shown.itertuples()):
         a, b, info = st.columns([1, 1, 4])
-        a.image(widgets.upscale(images[i]))
-        b.image(widgets.upscale(images[len(shown) + i]))
+        a.image(**widgets.crisp(images[i]))
+        b.image(**widgets.crisp(images[len(shown) + i]))
         info.text(f"{r.label_a}  vs  {r.label_b}   (cosine distance {r.distance:.4f})\n{r.path_a}\n{r.path_b}")
 
 

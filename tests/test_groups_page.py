@@ -66,6 +66,16 @@ def test_duplicates_section_shows_a_table_not_source_or_help(clustered):
     assert any("mislabelled.png" in t.value for t in at.text)  # the planted label conflict, listed
 
 
+def test_group_sheets_of_small_images_go_to_the_browser_as_png(clustered):
+    # Streamlit's default sends an image without an alpha channel as JPEG: it decoded each PNG sheet and
+    # encoded it again on every rerun, and the browser then drew JPEG blocks 3x over 28-px images.
+    name, _, _ = clustered
+    at = run_page("pages/redundant_groups.py", dataset=name)
+    assert not at.exception
+    urls = [url for element in at.get("image") for url in element.value]  # /media/<hash>.<format>
+    assert urls and all(u.endswith(".png") for u in urls), urls
+
+
 def test_threshold_slider_scale_follows_the_merge_distances(clustered):
     # A fixed 0-1 scale in steps of 0.005 jumped from every image kept to 92 % in one step on Fashion-MNIST
     # (near copies are a few thousandths apart) and its default of 0.05 kept 9 %: the scale comes from the
