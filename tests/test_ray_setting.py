@@ -74,6 +74,22 @@ def test_the_flag_wins_over_the_environment_which_wins_over_the_setting(store, m
     assert setting.effective(store) == setting.Where(None, None)
 
 
+def test_the_sidebars_read_is_reused_until_another_process_writes_the_store(store, monkeypatch):
+    # Every new session's sidebar reads the setting: it opens the store only after some process wrote to it.
+    monkeypatch.delenv("REDEX_RAY_ADDRESS", raising=False)
+    opened = []
+    real = db._connect
+    monkeypatch.setattr(db, "_connect", lambda *a, **k: opened.append(1) or real(*a, **k))
+    ttl = setting.READ_TTL_S
+    assert setting.saved(store, ttl) is None and len(opened) == 1
+    assert setting.saved(store, ttl) is None and len(opened) == 1  # unchanged store: no connection
+    code = ("from core.scale import setting; from core.store.db import Store;"
+            f" setting.save('10.0.0.7:6379', Store({str(store.path)!r}))")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    assert setting.saved(store, ttl) == "10.0.0.7:6379"  # another process's save is seen at once
+    assert setting.saved(store, 0.0) == "10.0.0.7:6379" and len(opened) == 3  # max_age 0: always read
+
+
 NO_RAY = textwrap.dedent("""
     import json, sys
     from streamlit.testing.v1 import AppTest

@@ -43,22 +43,25 @@ CONNECT_TIMEOUT_S = 3.0   # the TCP check of HOST:PORT
 PROBE_TIMEOUT_S = 30.0    # joining the cluster in the probe process (importing ray included)
 STATUS_TTL_S = 120.0      # how long the sidebar trusts what a cluster said before asking again
 _HOST = re.compile(r"[A-Za-z0-9._:-]+")  # a name, IPv4, or IPv6 without its brackets
-READ_TTL_S = 5.0          # how long the sidebar trusts its read of the setting (a save here resets it)
+READ_TTL_S = 60.0         # how long the sidebar trusts its read of the setting while the store is unchanged
 
 
 # -- the stored setting --------------------------------------------------------------------------------
-_read_cache: dict[str, tuple[float, str | None]] = {}
+_read_cache: dict[str, tuple[float, tuple, str | None]] = {}
 
 
 def saved(store: Store, max_age_s: float = 0.0) -> str | None:
     """The Ray address saved in the app, or None. `max_age_s`: a read this recent (in this process) is
-    reused, for the sidebar's reruns (a store read opens the file)."""
+    reused while no process has written to the store since (`Store.generation`, two stat calls), for the
+    sidebar of every page and every new session: a store read opens the file, 30-60 ms of each first load
+    of a page here (py-spy on the server)."""
+    generation = store.generation()
     hit = _read_cache.get(str(store.path))
-    if hit is not None and time.monotonic() - hit[0] <= max_age_s:
-        return hit[1]
+    if hit is not None and hit[1] == generation and time.monotonic() - hit[0] <= max_age_s:
+        return hit[2]
     rows = store.query("SELECT value FROM settings WHERE key = ?", [KEY])
     value = rows[0][0] if rows else None
-    _read_cache[str(store.path)] = (time.monotonic(), value)
+    _read_cache[str(store.path)] = (time.monotonic(), generation, value)
     return value
 
 
