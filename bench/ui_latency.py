@@ -286,7 +286,8 @@ def baseline(cache: Path, moves: int) -> dict:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            out = {"loads": loads(page, url, "", "[data-testid=stMetric]")}
+            out = {"loads": loads(page, url, "", "[data-testid=stMetric]"),
+                   "deep_loads": loads(page, url, "deep", "[data-testid=stMetric]")}
             out["slider"] = stats(slider_moves(page, "bare", ("[data-testid=stMetric]", None), moves))
             out["select"] = stats(select_moves(page, "bare_class", ("[data-testid=stImage] img", "src"), moves))
             browser.close()
@@ -300,7 +301,8 @@ def report(r: dict) -> None:
     print(f"{r['dataset']} ({r['cut']['images']:,} train images), code {r['root']}")
     print(f"load average {r['load']['before'][0]:.2f} before, {r['load']['after'][0]:.2f} after")
     print("page loads, from the navigation's start to the metrics on screen / to the script idle:")
-    for who, ld in (("ours", r["loads"]), ("bare Streamlit page (bench/bare_app.py)", (r.get("bare") or {}).get("loads"))):
+    for who, ld in (("ours", r["loads"]), ("bare Streamlit page (bench/bare_app.py)", (r.get("bare") or {}).get("loads")),
+                    ("the bare page at its own URL (/deep)", (r.get("bare") or {}).get("deep_loads"))):
         if ld:
             print(f"  {who}: fresh server {ld['first_content_ms']:.0f} / {ld['first_idle_ms']:.0f} ms; new sessions"
                   f" (warm), p50 {ld['warm_content_p50_ms']:.0f} / {ld['warm_idle_p50_ms']:.0f} ms,"
@@ -312,8 +314,10 @@ def report(r: dict) -> None:
     if bare:
         b = bare["slider"]
         ours, theirs = r["loads"]["warm_content_p50_ms"], bare["loads"]["warm_content_p50_ms"]
+        deep = (bare.get("deep_loads") or {}).get("warm_content_p50_ms")
         sel = bare.get("select") or {}
-        print(f"bare page, same machine and run: warm load to content ours / bare {ours / theirs:.2f};"
+        print(f"bare page, same machine and run: warm load to content ours / bare {ours / theirs:.2f}"
+              + (f" (ours / bare at its own URL {ours / deep:.2f})" if deep else "") + ";"
               f" slider value p50 / p95 {b.get('value_p50', float('nan')):.0f} / {b.get('value_p95', float('nan')):.0f} ms,"
               f" idle p50 / p95 {b.get('idle_p50', float('nan')):.0f} / {b.get('idle_p95', float('nan')):.0f} ms;"
               f" select box to a new image list: value p50 / p95 {sel.get('value_p50', float('nan')):.0f} /"

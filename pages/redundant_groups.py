@@ -211,7 +211,8 @@ def groups_section(cut, rule: str) -> None:
     for g in shown_groups:
         members = cut.members(g)
         kept = cut.representative(g, rule)
-        shown = [kept] + [m for m in members if m != kept][:SHOWN_PER_GROUP - 1]
+        head = members[:SHOWN_PER_GROUP]  # the kept image and 23 others (a group can hold thousands)
+        shown = [kept] + [int(m) for m in head[head != kept][:SHOWN_PER_GROUP - 1]]
         more = int(sizes[g]) - len(shown)
         title = f"Group {g} · {image_labels[kept]} · {int(sizes[g]):,} images"
         captions.append(widgets.md_text(title + (f" (+{more:,} more not shown)" if more > 0 else "")))
