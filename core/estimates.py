@@ -70,6 +70,16 @@ def _file():
     return config.cache_dir() / "speeds.json"
 
 
+def speeds_version() -> tuple | None:
+    """Changes whenever a speed is recorded (the file's size and modification time): a page keys its cached
+    estimates on it, with the store's generation."""
+    try:
+        st = os.stat(_file())
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 @contextlib.contextmanager
 def _locked():
     """The measurements, read and written under an exclusive flock (jobs finish at the same time)."""
@@ -233,16 +243,13 @@ def embed_estimate(name: str, spec: str, epochs: int | None = None, store=None) 
             recipe = dataclasses.replace(recipe, epochs=int(epochs))
         bid = embeddings.backbone_id(name, spec, recipe=recipe.to_dict())
         if not config.model_file("backbones", bid).exists():
-            train_rows, _, _ = embeddings.training_split(name, store, seed=recipe.seed)
-            n = len(train_rows)
+            n = embeddings.training_count(name, store, seed=recipe.seed)
             n_train_images = recipe.total_steps(n) * recipe.batch_for(n)
             train = estimate("train", training_key(parsed.name, size, channels), n_train_images)
         missing = len(embeddings.missing_rows(name, bid, store)) if not train else None
     else:
         missing = None
     if missing is None:  # a backbone still to train (or a pretrained one, keyed by its file): every image
-        from core.data.catalog import images_table
-
-        missing = int(images_table(name, store).image_id.nunique())
+        missing = int(store.query("SELECT count(DISTINCT image_id) FROM images WHERE dataset = ?", [name])[0][0])
     embed = estimate("embed", embedding_key(spec, size, channels), missing) if missing else None
     return EmbedEstimate(train, n_train_images, embed, missing)

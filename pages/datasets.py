@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core import estimates, jobs, wording
+from core.store.db import get_store
 from core.cli.doctor import save_record
 from core.data import catalog, sources
 from core.embed import embeddings, timm_models
@@ -29,7 +30,7 @@ if report:
         st.caption("Deleted from the cache:")
         st.code("\n".join(report["files"]), language=None)
 
-with st.expander("Add a dataset", expanded=catalog.list_datasets().empty):
+with st.expander("Add a dataset", expanded=widgets.datasets_now().empty):
     demo, own = st.tabs(["Fashion-MNIST demo", "Your images"])
     with demo:
         st.write("70,000 labelled 28x28 images in 10 classes (train 60,000 / test 10,000).")
@@ -84,10 +85,36 @@ def job_lines(name: str, kinds: tuple[str, ...], count: int, key: str) -> None:
     live()
 
 
-registered = catalog.list_datasets()
+registered = widgets.datasets_now()
 if registered.empty:
     st.stop()
 name = widgets.dataset_picker(scanned_only=False)  # every registered dataset; ?dataset= in the URL
+
+
+# -- the store's reads, again only after some process wrote to the store (`widgets.store_generation`) ----
+# A rerun (a class picked in the grid, a number typed in the embed form) read the whole image list twice
+# before: seconds at a million images.
+@st.cache_data(max_entries=16, ttl=60, show_spinner=False)
+def summary(name: str, generation: tuple):
+    """The dataset's row, its class counts (label x split) and its problem files."""
+    return catalog.get_dataset(name), catalog.class_counts(name), catalog.problems_table(name)
+
+
+@st.cache_data(max_entries=64, ttl=60, show_spinner=False)
+def grid_rows(name: str, label: str, offset: int, limit: int, generation: tuple) -> list[int]:
+    """Pixel-cache rows of one page of a class's images, in row order: one query of that page."""
+    return [r[0] for r in get_store().query("SELECT row FROM images WHERE dataset = ? AND label = ? ORDER BY row"
+                                            " LIMIT ? OFFSET ?", [name, label, limit, offset])]
+
+
+@st.cache_data(max_entries=32, ttl=30, show_spinner=False)
+def embed_estimate_now(name: str, spec: str, epochs: int, generation: tuple, speeds: tuple | None):
+    """`estimates.embed_estimate`, made again after a write to the store or a speed recorded (`speeds`), or
+    after 30 s (it follows the machine's load); None for a spec the form will refuse."""
+    try:
+        return estimates.embed_estimate(name, spec, int(epochs) or None)
+    except (ValueError, OSError, BackboneUnavailable):
+        return None
 
 
 def remove_panel(name: str) -> None:
@@ -126,17 +153,15 @@ def remove_panel(name: str) -> None:
 remove_panel(name)
 job_lines(name, ("scan",), 1, "scan_seen")  # the scan, by the dataset it belongs to; embedding: by its button
 
-ds = catalog.get_dataset(name)
+ds, counts, problems = summary(name, widgets.store_generation())
 if ds["scanned_at"] is None:
     st.info("Scanning... the counts appear here when the scan job is done.")
     st.stop()
 
-counts = catalog.class_counts(name)
-problems = catalog.problems_table(name)
 skipped = int((problems.severity == "skipped").sum())
 c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
 c1.metric("Images", f"{int(counts.total.sum()):,}")
-c2.metric("Classes", len(counts))
+c2.metric("Classes", f"{len(counts):,}")
 c3.metric("Skipped files", skipped)
 size, colour = wording.image_format(ds["image_size"], ds["channels"]).split(", ", 1)
 c4.metric("Working size", size, help="Every image is decoded once to this size and colour mode, and every"
@@ -160,17 +185,31 @@ with right:
         st.dataframe(problems, hide_index=True, height=260)
 
 st.subheader("Images by class")
-table = catalog.images_table(name)
-cls = st.selectbox("Class", sorted(table.label.unique()), key="grid_class")
-per_page = 48
-members = table[table.label == cls]
-pages = max(1, -(-len(members) // per_page))
-page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="grid_page") - 1
-shown = members.iloc[page * per_page:(page + 1) * per_page]
-widgets.image_grid(catalog.load_pixels(name), shown.row.to_numpy())
+
+
+@st.fragment
+def class_grid(name: str, counts) -> None:
+    """A fragment: the class picker and the page stepper rerun only the grid, which reads one page of rows
+    and shows it as one sheet (one element: 48 images in 12 columns were about 100 elements to re-send and
+    redraw on each pick, 260 / 355 ms p50 / p95 at 1.28 million images)."""
+    if counts.empty:
+        st.caption("no images")
+        return
+    sizes = dict(zip(counts.label, counts.total))
+    cls = st.selectbox("Class", sorted(sizes), key="grid_class")
+    per_page, n = 48, int(sizes[cls])
+    pages = max(1, -(-n // per_page))
+    page = min(st.number_input(f"Page (of {pages:,})", 1, pages, 1, key="grid_page"), pages) - 1
+    rows = grid_rows(name, cls, page * per_page, per_page, widgets.store_generation())
+    shown = f"{widgets.md_text(cls)}: images {page * per_page + 1:,}-{page * per_page + len(rows):,} of {n:,}"
+    widgets.show_sheets(widgets.gallery(name, str(ds["scanned_at"])), [(rows, None)], [shown])
+
+
+widgets.sheet_style()
+class_grid(name, counts)
 
 st.subheader("Embeddings")
-backs = embeddings.list_backbones(name)
+backs = widgets.backbones_now(name)
 if not backs.empty:
     labels = wording.plain_labels(backs.backbone_id)
     shown_backs = backs.assign(backbone=backs.backbone_id.map(labels), accuracy=100 * backs.accuracy)
@@ -224,14 +263,7 @@ with st.form("embed"):
             st.rerun()
 
 
-def embed_estimate(name: str, spec: str, epochs: int) -> None:
-    """How long the embedding job would take here, from this machine's measured speed under its load now."""
-    try:
-        est = estimates.embed_estimate(name, spec, int(epochs) or None)
-    except (ValueError, OSError, BackboneUnavailable):
-        return  # a bad spec is said when the form is submitted
+est = embed_estimate_now(name, spec, int(epochs), widgets.store_generation(), estimates.speeds_version())
+if est is not None:  # how long the embedding job would take here (a bad spec is said when the form is submitted)
     st.caption(f"{widgets.md_text(wording.plain(spec))}: {est.text()}")
-
-
-embed_estimate(name, spec, epochs)
 job_lines(name, ("embed",), 1, "embed_seen")  # the embedding job's progress, by its button

@@ -27,6 +27,13 @@ def embedded(store, scanned):
     return scanned, bid
 
 
+def grid_caption(at) -> str:
+    """The caption of the Datasets page's class grid (one sheet of the page's images)."""
+    (element,) = at.get("image")
+    (img,) = element.proto.imgs
+    return img.caption
+
+
 def test_datasets_page_empty_offers_the_demo(store):
     at = run_page("pages/datasets.py")
     assert not at.exception
@@ -56,7 +63,47 @@ def test_datasets_page_shows_counts_problems_and_images(scanned):
            "palette.png"} | (set() if root else {"locked.png"})
     assert sorted(problems.path) == sorted(f"train/class0/{f}" for f in bad)  # every problem file, no other
     # The grid shows the first class, class0, whole: its 20 images and the 4 (5 as root) converted ones.
-    assert len(at.get("image")) == (25 if root else 24)
+    n = 25 if root else 24
+    assert grid_caption(at) == f"class0: images 1-{n} of {n}"  # one sheet
+
+
+def test_datasets_page_reruns_read_no_image_list(scanned, monkeypatch):
+    # A class picked in the grid reran the whole page, which read the whole image list twice (seconds at a
+    # million images): now the grid is a fragment that reads one page of rows, and the counts, the problems
+    # and the embedding estimate are read again only after a write to the store.
+    import streamlit as st
+
+    from core import estimates
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    calls = {}
+    for module, fn in ((catalog, "images_table"), (catalog, "class_counts"), (estimates, "embed_estimate")):
+        real = getattr(module, fn)
+
+        def counted(*args, _real=real, _fn=fn, **kwargs):
+            calls[_fn] = calls.get(_fn, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, fn, counted)
+    at = run_page("pages/datasets.py", dataset=scanned)
+    assert not at.exception
+    first = dict(calls)
+    assert "images_table" not in first and first["class_counts"] == 1 and first["embed_estimate"] == 1
+    at.selectbox(key="grid_class").set_value("class1").run()
+    assert not at.exception and grid_caption(at) == "class1: images 1-20 of 20"  # 15 train and 5 test images
+    at.selectbox(key="grid_class").set_value("class0").run()
+    assert grid_caption(at).startswith("class0: images 1-") and calls == first  # two picks: nothing read again
+
+
+def test_training_count_is_the_training_splits_size(store, image_folder):
+    from core.embed.embeddings import training_count, training_split
+
+    name = sources.register(str(image_folder), "split")
+    scan.scan(name, store)
+    assert training_count(name, store) == len(training_split(name, store)[0]) == 45  # test split exists
+    store.execute("UPDATE images SET split = 'train' WHERE dataset = ?", [name])  # no test or val: 10 % held out
+    for seed in (0, 1, 2):
+        assert training_count(name, store, seed) == len(training_split(name, store, seed)[0])
 
 
 def test_datasets_page_bad_path_is_a_clear_error(store):
