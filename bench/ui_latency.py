@@ -3,7 +3,7 @@
 For each widget it makes N changes and records, in the browser's own clock, the time from the key
 press or click (the page's keydown or pointerdown event) to the updated value on screen, and to the
 page being idle again (Streamlit's script state back to notRunning). Prints p50 / p95 per widget, the
-page loads, and the ratio to the pure cut function's time (the floor of the slider's latency), with
+page loads (by the page's link in a new session, and from the sidebar of the open app), and the ratio to the pure cut function's time (the floor of the slider's latency), with
 the machine's load.
 
     .venv/bin/python bench/ui_latency.py --cache /tmp/fm70k --dataset fashion-mnist
@@ -107,6 +107,38 @@ def loads(page, url: str, path: str, ready: str, repeat: int = 5) -> dict:
         values = [a[k] for a in again]
         out[f"warm_{k}_p50_ms"], out[f"warm_{k}_max_ms"] = float(np.median(values)), float(max(values))
     return out
+
+
+NAV_JS = """() => {
+  // From the press on the sidebar link to the page's "Kept" metric on screen, in the browser's clock.
+  window.__nav = {t0: null, shown: null};
+  document.addEventListener('pointerdown', e => { window.__nav.t0 = e.timeStamp; }, {capture: true, once: true});
+  const obs = new MutationObserver(() => {
+    const kept = [...document.querySelectorAll('[data-testid=stMetric]')].find(e => e.innerText.includes('Kept'));
+    if (kept && window.__nav.shown === null) { window.__nav.shown = performance.now(); obs.disconnect(); }
+  });
+  obs.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def nav_loads(page, url: str, dataset: str, repeat: int = 5) -> dict:
+    """The Redundant groups page opened as a user of the open app does: from the Datasets page, a click on
+    its sidebar link (no new page load: the frontend stays, the server runs the page). `repeat` times, after
+    a first visit in this browser session; median and maximum of those."""
+    def once() -> float:
+        page.goto(f"{url}/?dataset={dataset}")
+        page.get_by_role("link", name="Redundant groups").wait_for(timeout=300_000)
+        wait_idle(page, 300_000)
+        page.evaluate(NAV_JS)
+        page.get_by_role("link", name="Redundant groups").click()
+        page.wait_for_function("() => window.__nav.shown !== null", timeout=300_000)
+        n = page.evaluate("() => window.__nav")
+        wait_idle(page, 300_000)
+        return n["shown"] - n["t0"]
+
+    first = once()
+    again = [once() for _ in range(repeat)]
+    return {"first_ms": first, "p50_ms": float(np.median(again)), "max_ms": float(max(again))}
 
 
 def slider_moves(page, key: str, target, moves: int) -> list:
@@ -235,6 +267,8 @@ def main() -> None:
             page = ctx.new_page()
             where = f"redundant_groups?dataset={args.dataset}"
             results["loads"] = loads(page, url, where, "[data-testid=stMetric]")
+            results["nav_loads"] = nav_loads(page, url, args.dataset)
+            open_page(page, url, where, "[data-testid=stMetric]")
             def run(widget, fn):
                 if widget not in widgets:
                     return
@@ -307,6 +341,10 @@ def report(r: dict) -> None:
             print(f"  {who}: fresh server {ld['first_content_ms']:.0f} / {ld['first_idle_ms']:.0f} ms; new sessions"
                   f" (warm), p50 {ld['warm_content_p50_ms']:.0f} / {ld['warm_idle_p50_ms']:.0f} ms,"
                   f" max {ld['warm_content_max_ms']:.0f} / {ld['warm_idle_max_ms']:.0f} ms")
+    nav = r.get("nav_loads")
+    if nav:
+        print(f"  ours, opened from the sidebar of the open app (Datasets -> Redundant groups): first visit"
+              f" {nav['first_ms']:.0f} ms; again p50 {nav['p50_ms']:.0f} ms, max {nav['max_ms']:.0f} ms")
     if "server_memory" in r:
         m = r["server_memory"]
         print(f"server process after the moves: {m['rss_mib']:,.0f} MiB resident, peak {m['peak_mib']:,.0f} MiB")
