@@ -4,7 +4,7 @@ import streamlit as st
 
 from core.scale import setting as ray_setting
 from core.store.db import get_store
-from pages.widgets import md_text
+from pages.widgets import freeze_imports, md_text
 
 st.set_page_config(page_title="redex · redundancy explorer", page_icon=":material/explore:", layout="wide")
 
@@ -111,4 +111,7 @@ def _poll(addresses: tuple[str, ...]) -> None:
 nav = st.navigation(PAGES)
 with st.sidebar:
     heavy_jobs()
-nav.run()
+try:
+    nav.run()
+finally:
+    freeze_imports()  # after the run that first imports torch: the collector no longer walks its objects

@@ -7,7 +7,7 @@ from core import jobs
 from core.data import catalog, scan, sources
 from core.embed import embeddings, projection
 from core.embed.backbones import DEFAULT_BACKBONE
-from tests.conftest import run_page
+from tests.conftest import ROOT, run_page
 
 
 @pytest.fixture
@@ -93,6 +93,30 @@ def test_datasets_page_reruns_read_no_image_list(scanned, monkeypatch):
     assert not at.exception and grid_caption(at) == "class1: images 1-20 of 20"  # 15 train and 5 test images
     at.selectbox(key="grid_class").set_value("class0").run()
     assert grid_caption(at).startswith("class0: images 1-") and calls == first  # two picks: nothing read again
+
+
+def test_the_server_freezes_what_the_first_datasets_page_imported(scanned, cache):
+    # The Datasets page imports torch and timm into the server (its backbone choices): 370,000 objects that
+    # Python's full garbage collections walked during later reruns (336 ms each here). The app freezes them.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import gc, sys
+        from streamlit.testing.v1 import AppTest
+        assert "torch" not in sys.modules
+        at = AppTest.from_file("app.py", default_timeout=120)
+        at.session_state["dataset"] = {scanned!r}
+        at.run()
+        assert not at.exception, at.exception
+        print("torch" in sys.modules, gc.get_freeze_count(), len(gc.get_objects()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "REDEX_CACHE": str(cache)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_imported, frozen, tracked = out.stdout.split()
+    assert torch_imported == "True" and int(frozen) > 100_000 and int(tracked) < int(frozen) / 10
 
 
 def test_training_count_is_the_training_splits_size(store, image_folder):
