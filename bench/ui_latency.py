@@ -3,8 +3,8 @@
 For each widget it makes N changes and records, in the browser's own clock, the time from the key
 press or click (the page's keydown or pointerdown event) to the updated value on screen, and to the
 page being idle again (Streamlit's script state back to notRunning). Prints p50 / p95 per widget, the
-page loads (by the page's link in a new session, and from the sidebar of the open app), and the ratio to the pure cut function's time (the floor of the slider's latency), with
-the machine's load.
+page loads (by the page's link in a new session, and from the sidebar of the open app), and the ratio
+to the pure cut function's time (the floor of the slider's latency), with the machine's load.
 
     .venv/bin/python bench/ui_latency.py --cache /tmp/fm70k --dataset fashion-mnist
     .venv/bin/python bench/ui_latency.py --cache /tmp/fm70k --dataset fashion-mnist --root /tmp/base  # old code

@@ -226,7 +226,7 @@ def embed_estimate(name: str, spec: str, epochs: int | None = None, store=None) 
     """What an `embed` job of `name` with backbone `spec` will do, and how long it should take here."""
     import dataclasses
 
-    from core.data.catalog import get_dataset
+    from core.data.catalog import content_count, get_dataset
     from core.embed import backbones, embeddings
     from core.store.db import get_store
     from core.training.recipe import default_recipe
@@ -250,6 +250,6 @@ def embed_estimate(name: str, spec: str, epochs: int | None = None, store=None) 
     else:
         missing = None
     if missing is None:  # a backbone still to train (or a pretrained one, keyed by its file): every image
-        missing = int(store.query("SELECT count(DISTINCT image_id) FROM images WHERE dataset = ?", [name])[0][0])
+        missing = content_count(name, store)
     embed = estimate("embed", embedding_key(spec, size, channels), missing) if missing else None
     return EmbedEstimate(train, n_train_images, embed, missing)

@@ -6,7 +6,6 @@ from core.cli.doctor import save_record
 from core.data import catalog, sources
 from core.embed import embeddings, timm_models
 from core.embed.timm_models import BackboneUnavailable
-from core.store.db import get_store
 from pages import widgets
 
 widgets.route_through_app()
@@ -102,9 +101,8 @@ def summary(name: str, generation: tuple):
 
 @st.cache_data(max_entries=64, ttl=60, show_spinner=False)
 def grid_rows(name: str, label: str, offset: int, limit: int, generation: tuple) -> list[int]:
-    """Pixel-cache rows of one page of a class's images, in row order: one query of that page."""
-    return [r[0] for r in get_store().query("SELECT row FROM images WHERE dataset = ? AND label = ? ORDER BY row"
-                                            " LIMIT ? OFFSET ?", [name, label, limit, offset])]
+    """`catalog.class_page_rows`: one page of a class's images."""
+    return catalog.class_page_rows(name, label, offset, limit)
 
 
 @st.cache_data(max_entries=32, ttl=30, show_spinner=False)

@@ -120,12 +120,16 @@ def upscale(img: np.ndarray, min_side: int = 84) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else img
 
 
+def image_format(img: np.ndarray, min_side: int = 84) -> str:
+    """`st.image`'s `output_format` for an image as `upscale` shows it: PNG for a small image (Streamlit's
+    default, "auto", sends any image without an alpha channel as JPEG: its blocks, drawn 3-6x, smeared the
+    pixels of 28-px images); larger ones keep the default."""
+    return "PNG" if upscale_factor(img.shape[0], min_side) > 1 else "auto"
+
+
 def crisp(img: np.ndarray, min_side: int = 84) -> dict:
-    """`st.image` arguments for an image as `upscale` shows it: a small image goes as PNG. (Streamlit's
-    default, `output_format="auto"`, sends any image without an alpha channel as JPEG: its blocks, drawn
-    3-6x, smeared the pixels of 28-px images.) Larger ones keep the default."""
-    small = upscale_factor(img.shape[0], min_side) > 1
-    return {"image": upscale(img, min_side), "output_format": "PNG" if small else "auto"}
+    """`st.image` arguments for an image as `upscale` shows it, in its `image_format`."""
+    return {"image": upscale(img, min_side), "output_format": image_format(img, min_side)}
 
 
 def outlined(img: np.ndarray, color=(230, 40, 40), width: int = 4) -> np.ndarray:
@@ -224,7 +228,7 @@ def image_grid(pixels: np.ndarray | Gallery, rows: np.ndarray, captions: list[st
             # the length of its caption, so neighbours came out at different sizes)
             st.image(outlined(img) if highlight and row in highlight else upscale(img), width="stretch",
                      caption=md_text(captions[i]) if captions else None,  # captions are Markdown
-                     output_format="PNG" if upscale_factor(img.shape[0]) > 1 else "auto")
+                     output_format=image_format(img))
 
 
 def job_status(job: dict) -> None:

@@ -49,6 +49,20 @@ def images_table(name: str, store: Store | None = None, split: str | None = None
     return store.query_df(sql + " ORDER BY row", params)
 
 
+def class_page_rows(name: str, label: str, offset: int, limit: int, store: Store | None = None) -> list[int]:
+    """Pixel-cache rows of `limit` images of class `label` from the `offset`-th, in row order: one page of a
+    class without reading the image table (a million rows)."""
+    rows = (store or get_store()).query("SELECT row FROM images WHERE dataset = ? AND label = ? ORDER BY row"
+                                        " LIMIT ? OFFSET ?", [name, label, limit, offset])
+    return [r[0] for r in rows]
+
+
+def content_count(name: str, store: Store | None = None) -> int:
+    """Distinct images (content ids) of the dataset: what an embedding covers."""
+    return int((store or get_store()).query("SELECT count(DISTINCT image_id) FROM images WHERE dataset = ?",
+                                            [name])[0][0])
+
+
 def load_pixels(name: str, store: Store | None = None) -> np.ndarray:
     """The dataset's pixel cache, memory-mapped: uint8 [N, S, S, C], row i = images.row i."""
     ds = get_dataset(name, store)
