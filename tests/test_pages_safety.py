@@ -289,6 +289,18 @@ def hostile_labels(hostile_ready, monkeypatch):
     db._stores.clear()
 
 
+def test_the_datasets_grid_shows_hostile_labels_as_text(hostile_labels):
+    # The class grid's caption names the class (one sheet per page): each hostile label, picked, stays text.
+    at = page("pages/datasets.py", dataset=hostile_labels)
+    assert_literal(at)
+    assert sorted(at.selectbox(key="grid_class").options) == sorted(LABELS)  # select boxes: plain text
+    for label in LABELS:
+        at.selectbox(key="grid_class").set_value(label).run()
+        assert_literal(at)
+        (element,) = at.get("image")
+        assert element.proto.imgs[0].caption.startswith(md_text(label) + ": images 1-")
+
+
 def test_patch_heatmaps_show_hostile_labels_and_names_as_text(hostile_labels):
     # Checked against a copy of pages/patch_heatmaps.py whose captions and metric skip `md_text`: fails there.
     name = hostile_labels
